@@ -1,0 +1,65 @@
+"""Import TensorFlow and TF Encrypted once, quietly, on the one stack they work on.
+
+Everything in the package goes through here, so the checks below run before any
+secret is made.
+"""
+import logging
+import os
+import sys
+
+# TF's C++ log lines (CPU features, gRPC channels, functions it could not register on a
+# server that has just been stopped) drown the story; errors still come through as exceptions.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+if sys.version_info[:2] not in {(3, 8), (3, 9), (3, 10)}:
+    raise ImportError(
+        f"private_predictions needs Python 3.8-3.10 (tf-encrypted 0.9.1 runs on "
+        f"tensorflow 2.9.1 only); this is Python {sys.version.split()[0]}. "
+        "Run `make setup` from the repository root: it finds or explains how to "
+        "install Python 3.10."
+    )
+
+import tensorflow as tf  # noqa: E402
+
+REQUIRED_TF = "2.9.1"
+if tf.__version__ != REQUIRED_TF:
+    raise ImportError(
+        f"tf-encrypted 0.9.1 ships its secure-randomness op compiled for "
+        f"tensorflow=={REQUIRED_TF}, but tensorflow {tf.__version__} is installed. "
+        f"Install the pinned versions: pip install -r requirements.txt"
+    )
+
+# tf-encrypted logs a warning and silently switches to a predictable generator if
+# its op fails to load; we want to hear about it as an error instead.
+logging.getLogger("tf_encrypted").setLevel(logging.ERROR)
+
+import tf_encrypted as tfe  # noqa: E402
+from tf_encrypted.operations import secure_random  # noqa: E402
+
+# SecureNN's average pooling still calls the TF1 name on even-sized inputs.
+if not hasattr(tf, "Dimension"):
+    tf.Dimension = tf.compat.v1.Dimension
+
+
+class InsecureRandomnessError(RuntimeError):
+    """tf-encrypted would fall back to a predictable random generator."""
+
+
+def require_secure_randomness():
+    """Refuse to go on if the secure-randomness op did not load.
+
+    Secret shares drawn from a predictable generator are no secret at all, and
+    tf-encrypted only logs a warning when that happens.
+    """
+    if not secure_random.supports_secure_randomness():
+        raise InsecureRandomnessError(
+            "tf-encrypted's secure-randomness op did not load, so secret shares "
+            "would be predictable. It is compiled for tensorflow=="
+            f"{REQUIRED_TF} only (found {tf.__version__}); reinstall the pinned "
+            "versions with: pip install -r requirements.txt"
+        )
+
+
+require_secure_randomness()
+
+__all__ = ["tf", "tfe", "require_secure_randomness", "InsecureRandomnessError"]

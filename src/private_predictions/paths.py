@@ -1,0 +1,13 @@
+"""Where the repository keeps its data, models and cluster configuration."""
+import os
+from pathlib import Path
+
+# The package is installed in editable mode from src/, so the repository root is two
+# levels up; PRIVATE_PREDICTIONS_HOME lets a copied checkout point elsewhere.
+REPO_ROOT = Path(
+    os.environ.get("PRIVATE_PREDICTIONS_HOME", Path(__file__).resolve().parents[2])
+)
+DATA_DIR = REPO_ROOT / "data"
+MODELS_DIR = REPO_ROOT / "models"
+MODEL_PATH = MODELS_DIR / "short-conv-mnist.h5"
+CLUSTER_CONFIG_PATH = REPO_ROOT / "cluster.json"

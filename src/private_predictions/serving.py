@@ -1,0 +1,102 @@
+"""Server side: secret-share a Keras model across the cluster and serve private queries."""
+import time
+from typing import Callable, Dict, Optional
+
+from ._tf import tf, tfe
+from .config import ClusterConfig
+from .queues import ClientQueues, has_items, request_queue, wait_until
+
+MAX_BATCH_SIZE = 128
+
+
+class ServingError(RuntimeError):
+    """The secure computation could not be carried out."""
+
+
+def connect(config: ClusterConfig):
+    """Point TF Encrypted at the cluster's three servers and return SecureNN over them."""
+    tfe_config = config.tfe_config()
+    tfe.set_config(tfe_config)
+    tfe_config.connect_servers()
+    protocol = tfe.protocol.SecureNN()
+    tfe.set_protocol(protocol)
+    return protocol
+
+
+class SecureModel:
+    """A Keras model whose weights exist only as secret shares on the servers."""
+
+    def __init__(self, protocol, private_model):
+        self.protocol = protocol
+        self.private_model = private_model
+        self._clients: Dict[str, ClientQueues] = {}
+        self._requests = request_queue(protocol)
+        self._predict_on_shares = tf.function(self._predict_on_shares_eagerly)
+
+    def _predict_on_shares_eagerly(self, share0, share1):
+        protocol = self.protocol
+        factory = protocol.tensor_factory
+        with tf.device(protocol.server_0.device_name):
+            x0 = factory.tensor(tf.identity(share0))
+        with tf.device(protocol.server_1.device_name):
+            x1 = factory.tensor(tf.identity(share1))
+        x = tfe.protocol.pond.PondPrivateTensor(protocol, x0, x1, True)
+        y0, y1 = self.private_model(x).unwrapped
+        return y0.value, y1.value
+
+    def weight_shares(self, layer: int = 0):
+        """What server0 and server1 hold of one layer's kernel, as fixed-point integers.
+
+        For teaching only: fetching both shares to one place is exactly what the
+        protocol never does with a client's data.
+        """
+        share0, share1 = self.private_model.layers[layer].weights[0].unwrapped
+        return share0.read_value().value.numpy(), share1.read_value().value.numpy()
+
+    def _queues_of(self, client_id: str) -> ClientQueues:
+        if client_id not in self._clients:
+            self._clients[client_id] = ClientQueues(self.protocol, client_id)
+        return self._clients[client_id]
+
+    def serve_one(self, timeout: float = 120.0) -> int:
+        """Wait for one request, answer it on the shares, and return its batch size."""
+        wait_until(lambda: has_items(self._requests), timeout,
+                   f"No private query arrived within {timeout:.0f} s. Run the client "
+                   "(notebooks/03_private_prediction.ipynb) while this one serves.")
+        client_id = self._requests.dequeue().numpy().decode()
+        queues = self._queues_of(client_id)
+        share0, share1 = (queue.dequeue() for queue in queues.inputs)
+        out0, out1 = self._predict_on_shares(share0, share1)
+        queues.outputs[0].enqueue(out0)
+        queues.outputs[1].enqueue(out1)
+        return int(share0.shape[0])
+
+    def serve(self, num_requests: int, timeout: float = 120.0,
+              report: Optional[Callable[[str], None]] = print) -> None:
+        """Answer ``num_requests`` private queries, waiting at most ``timeout`` s for each.
+
+        Returns once every client has collected its results, so the servers can be
+        stopped right after without cutting off a client.
+        """
+        for number in range(1, num_requests + 1):
+            batch = self.serve_one(timeout)
+            if report is not None:
+                images = "image" if batch == 1 else "images"
+                report(f"Request {number}/{num_requests}: answered a private batch of {batch} {images}")
+        wait_until(self._all_results_collected, timeout,
+                   f"A client did not collect its results within {timeout:.0f} s.")
+
+    def _all_results_collected(self) -> bool:
+        return not any(has_items(q) for c in self._clients.values() for q in c.outputs)
+
+
+def share_model(keras_model, protocol) -> SecureModel:
+    """Secret-share ``keras_model``'s weights across the servers: the model owner's step."""
+    config = keras_model.get_config()
+    # tfe.keras builds its layers for a concrete batch size, then accepts any; it
+    # skips Keras's InputLayer and reads the shape from the first real layer.
+    layers = [layer for layer in config["layers"] if layer["class_name"] != "InputLayer"]
+    layers[0]["config"]["batch_input_shape"] = (1,) + tuple(keras_model.input_shape[1:])
+    private_model = tfe.keras.models.Sequential.from_config(config)
+    private_model.set_weights(keras_model.get_weights())
+    return SecureModel(protocol, private_model)
