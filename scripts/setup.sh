@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Create .venv with Python 3.10 and the pinned packages, unless it is already up to date.
+# Usage: scripts/setup.sh   (called by `make run`, `make test` and `make lab`)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+find_python() {
+    local candidate
+    for candidate in "${PYTHON:-}" python3.10; do
+        if [ -n "$candidate" ] && command -v "$candidate" >/dev/null 2>&1; then
+            command -v "$candidate"; return 0
+        fi
+    done
+    if command -v pyenv >/dev/null 2>&1; then
+        for candidate in "$(pyenv root)"/versions/3.10.*/bin/python3.10; do
+            [ -x "$candidate" ] && { echo "$candidate"; return 0; }
+        done
+    fi
+    for candidate in "$HOME"/.pyenv/versions/3.10.*/bin/python3.10; do
+        [ -x "$candidate" ] && { echo "$candidate"; return 0; }
+    done
+    if command -v uv >/dev/null 2>&1 && candidate=$(uv python find 3.10 2>/dev/null); then
+        echo "$candidate"; return 0
+    fi
+    return 1
+}
+
+stamp=.venv/.requirements.sha256
+wanted=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
+    exit 0
+fi
+
+if ! python=$(find_python); then
+    cat >&2 <<'MSG'
+error: Python 3.10 was not found, and this series needs it.
+tf-encrypted 0.9.1 runs only on tensorflow 2.9.1, which is built for Python 3.8-3.10.
+Install Python 3.10 with one of:
+    pyenv install 3.10          (https://github.com/pyenv/pyenv)
+    uv python install 3.10      (https://docs.astral.sh/uv/)
+    sudo apt-get install python3.10 python3.10-venv
+or point PYTHON at an interpreter: PYTHON=/path/to/python3.10 make test
+MSG
+    exit 1
+fi
+version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+if [ "$version" != "3.10" ]; then
+    echo "error: $python is Python $version; set PYTHON to a Python 3.10 interpreter." >&2
+    exit 1
+fi
+
+echo "Setting up .venv with $python (Python $version); this takes a few minutes the first time."
+rm -rf .venv
+"$python" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade "pip<25"
+.venv/bin/python -m pip install --quiet -r requirements.txt
+.venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+.venv/bin/python -c "import private_predictions" # fails loudly without secure randomness
+echo "$wanted" > "$stamp"

@@ -1,0 +1,70 @@
+"""Starting, stopping and failing to reach the servers: clear errors, bounded times, no leftovers."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import free_base_port
+from private_predictions import ClusterError, LocalCluster, PrivateClient
+from private_predictions.config import ClusterConfig
+
+
+def wait_for_exit(pids, timeout):
+    gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout)
+    return [p.pid for p in alive]
+
+
+def test_stop_leaves_no_process(tmp_path):
+    cluster = LocalCluster.start(base_port=free_base_port(), config_path=tmp_path / "c.json")
+    pids = list(cluster.pids.values())
+    assert all(psutil.pid_exists(pid) for pid in pids)
+    cluster.stop()
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_servers_die_with_their_owner(tmp_path):
+    owner = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from private_predictions import LocalCluster\n"
+         f"c = LocalCluster.start(base_port={free_base_port()}, config_path=sys.argv[1])\n"
+         "print(*c.pids.values(), flush=True)\n"
+         "sys.stdin.read()",
+         str(tmp_path / "c.json")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    pids = [int(p) for p in owner.stdout.readline().split()]
+    assert len(pids) == 3
+    owner.send_signal(signal.SIGKILL)
+    owner.wait(10)
+    assert wait_for_exit(pids, timeout=10) == []
+
+
+def test_busy_port_is_named_with_its_process(tmp_path):
+    base = free_base_port()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", base + 1))
+        squatter.listen()
+        with pytest.raises(ClusterError, match=rf"port {base + 1} is in use by process {os.getpid()}"):
+            LocalCluster.start(base_port=base, config_path=tmp_path / "c.json")
+
+
+def test_unreachable_servers_fail_fast(tmp_path):
+    config_path = tmp_path / "c.json"
+    ClusterConfig.local(free_base_port()).save(config_path)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="not answering"):
+        PrivateClient.connect(config_path, timeout=3)
+    assert time.monotonic() - start < 10
+
+
+def test_missing_configuration_fails_fast(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="02_secure_serving"):
+        PrivateClient.connect(tmp_path / "absent.json", timeout=1)
+    assert time.monotonic() - start < 5

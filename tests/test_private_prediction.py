@@ -1,0 +1,90 @@
+"""A private prediction is the plaintext model's prediction, and only the client sees it."""
+import numpy as np
+import pytest
+
+from private_predictions import load_logits_model, load_mnist
+from private_predictions.client import InvalidImageError
+
+# Fixed-point resolution is 1/6561 per value (3^8); rounding and SecureNN's truncation
+# add up through four layers. Observed maxima are about 0.04.
+LOGIT_TOLERANCE = 0.1
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    (_, _), (x_test, y_test) = load_mnist()
+    return x_test, y_test
+
+
+@pytest.fixture(scope="module")
+def plaintext_model():
+    return load_logits_model()
+
+
+def test_private_logits_match_plaintext_on_32_images(client, test_set, plaintext_model):
+    images = test_set[0][:32]
+    private = client.predict_logits(images)
+    plaintext = plaintext_model(images).numpy()
+    assert private.shape == (32, 10)
+    np.testing.assert_array_equal(private.argmax(axis=1), plaintext.argmax(axis=1))
+    assert np.abs(private - plaintext).max() < LOGIT_TOLERANCE
+
+
+def test_single_image_query(client, test_set, plaintext_model):
+    image = test_set[0][100:101]
+    private = client.predict_logits(image)
+    assert private.argmax() == plaintext_model(image).numpy().argmax()
+
+
+def test_client_rebuilds_results_without_any_reveal(client, test_set, monkeypatch):
+    from tf_encrypted.protocol.pond import pond
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("reveal() puts the plaintext on the servers")
+
+    # tf-encrypted's QueueClient.receive_output() goes through these.
+    monkeypatch.setattr(pond.PondPrivateTensor, "reveal", forbidden)
+    monkeypatch.setattr(pond.Pond, "reveal", forbidden)
+    probabilities = client.predict(test_set[0][:2])
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_shares_look_nothing_like_the_image(client, test_set):
+    image = test_set[0][:1]
+    share0, share1 = (s.numpy() for s in client.share(image))
+    np.testing.assert_allclose(client.reconstruct(share0, share1), image, atol=1 / client.scaling_factor)
+    # Most pixels are 0, yet a share spreads over the whole 64-bit range.
+    assert np.abs(share0).mean() > 2 ** 60 and np.abs(share1).mean() > 2 ** 60
+
+
+BAD_INPUTS = {
+    "None": None,
+    "string": "a picture of a seven",
+    "list of mixed shapes": [np.zeros((28, 28)), np.zeros((14, 14))],
+    "wrong shape": np.zeros((1, 32, 32, 1)),
+    "wrong rank": np.zeros((28, 28)),
+    "colour image": np.zeros((1, 28, 28, 3)),
+    "wrong dtype": np.zeros((1, 28, 28, 1), dtype=np.complex64),
+    "strings in an array": np.full((1, 28, 28, 1), "x"),
+    "NaN": np.full((1, 28, 28, 1), np.nan),
+    "+inf": np.full((1, 28, 28, 1), np.inf),
+    "-inf": np.full((1, 28, 28, 1), -np.inf),
+    "0-255 pixels": np.full((1, 28, 28, 1), 255.0),
+    "negative pixels": np.full((1, 28, 28, 1), -0.5),
+    "empty batch": np.zeros((0, 28, 28, 1)),
+    "batch larger than served": np.zeros((129, 28, 28, 1)),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_is_rejected_before_sending(client, test_set, plaintext_model, monkeypatch, bad):
+    sent = []
+    monkeypatch.setattr(client.queues.inputs[0], "enqueue", lambda x: sent.append(x))
+    monkeypatch.setattr(client.queues.inputs[1], "enqueue", lambda x: sent.append(x))
+    with pytest.raises(InvalidImageError) as error:
+        client.predict_logits(bad, timeout=5)
+    assert str(error.value)
+    assert sent == []
+    monkeypatch.undo()
+    image = test_set[0][7:8]
+    assert client.predict_logits(image).argmax() == plaintext_model(image).numpy().argmax()

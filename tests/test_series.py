@@ -1,0 +1,28 @@
+from pathlib import Path
+
+from private_predictions.data import DatasetError, load_mnist
+from private_predictions.series import NOTEBOOK_DIR, NOTEBOOK_STAGES
+
+
+def test_every_notebook_is_executed_by_the_tests():
+    staged = [name for stage in NOTEBOOK_STAGES for name in stage]
+    assert sorted(staged) == sorted(p.name for p in Path(NOTEBOOK_DIR).glob("*.ipynb"))
+    assert len(set(staged)) == len(staged)
+
+
+def test_mnist_is_the_canonical_set():
+    (x_train, y_train), (x_test, y_test) = load_mnist()
+    assert x_train.shape == (60000, 28, 28, 1) and x_test.shape == (10000, 28, 28, 1)
+    assert list(y_test[:10]) == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert 0.0 <= x_train.min() and x_train.max() == 1.0
+
+
+def test_damaged_mnist_is_refused(tmp_path):
+    damaged = tmp_path / "mnist.npz"
+    damaged.write_bytes(b"not mnist")
+    try:
+        load_mnist(damaged)
+    except DatasetError as error:
+        assert "SHA-256" in str(error)
+    else:
+        raise AssertionError("a damaged file was accepted")
