@@ -16,7 +16,8 @@ NOTEBOOK_STAGES = [
     ["01_public_training.ipynb"],
     ["02_secure_serving.ipynb", "03_private_prediction.ipynb"],
 ]
-PREDICTIONS_CELL_MARKER = "private prediction"
+# The cells of 03 whose output the main command repeats.
+SUMMARY_MARKERS = ("private prediction", "same predicted digits")
 
 
 def execute_notebook(name: str, output_dir: Path, timeout: int = 600) -> Path:
@@ -24,21 +25,27 @@ def execute_notebook(name: str, output_dir: Path, timeout: int = 600) -> Path:
     from nbclient import NotebookClient
 
     notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
-    NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+    from jupyter_client.manager import KernelManager
+
+    # IPC sockets instead of TCP: the kernel's channels stay private to this machine's user.
+    kernel = KernelManager(kernel_name="python3", transport="ipc")
+    NotebookClient(notebook, km=kernel, timeout=timeout,
                    resources={"metadata": {"path": str(NOTEBOOK_DIR)}}).execute()
     output = output_dir / name
     nbformat.write(notebook, output)
     return output
 
 
-def cell_text_containing(path: Path, marker: str) -> str:
+def stdout_containing(path: Path, markers) -> str:
     import nbformat
 
+    texts = []
     for cell in nbformat.read(path, as_version=4).cells:
         for output in cell.get("outputs", []):
-            if output.get("name") == "stdout" and marker in output.get("text", ""):
-                return output["text"]
-    return ""
+            text = output.get("text", "") if output.get("name") == "stdout" else ""
+            if any(marker in text for marker in markers):
+                texts.append(text)
+    return "".join(texts)
 
 
 def main(argv=None) -> int:
@@ -62,7 +69,7 @@ def main(argv=None) -> int:
     for path in executed.values():
         print("  ", path)
     print("\nprivate predictions (from 03_private_prediction.ipynb):")
-    print(cell_text_containing(executed["03_private_prediction.ipynb"], PREDICTIONS_CELL_MARKER))
+    print(stdout_containing(executed["03_private_prediction.ipynb"], SUMMARY_MARKERS))
     return 0
 
 

@@ -1,4 +1,5 @@
 """Server side: secret-share a Keras model across the cluster and serve private queries."""
+import gc
 import time
 from typing import Callable, Dict, Optional
 
@@ -85,6 +86,16 @@ class SecureModel:
                 report(f"Request {number}/{num_requests}: answered a private batch of {batch} {images}")
         wait_until(self._all_results_collected, timeout,
                    f"A client did not collect its results within {timeout:.0f} s.")
+
+    def close(self) -> None:
+        """Delete the weight shares from the servers; the model cannot serve afterwards.
+
+        Call it before stopping the servers: otherwise Python deletes the shares only
+        when it exits, after the servers are gone, and complains on the way out.
+        """
+        self.private_model = None
+        self._predict_on_shares = None
+        gc.collect()
 
     def _all_results_collected(self) -> bool:
         return not any(has_items(q) for c in self._clients.values() for q in c.outputs)
