@@ -1,5 +1,4 @@
 import selectors
-import socket
 import subprocess
 import sys
 import time
@@ -7,30 +6,11 @@ import time
 import pytest
 
 from private_predictions import LocalCluster, PrivateClient
+from private_predictions.cluster import find_free_base_port
 
 
-def free_base_port(count: int = 3) -> int:
-    """A port p such that p .. p+count-1 are free right now."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("", 0))
-            base = probe.getsockname()[1]
-        if base + count < 65536 and all(_is_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError("no free ports")
-
-
-def _is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("", port))
-            return True
-        except OSError:
-            return False
-
-
-def wait_for_line(process, expected: str, timeout: float) -> None:
-    """Read the process's output until a line equals ``expected``; fail after ``timeout`` s."""
+def wait_for_line(process, expected: str, timeout: float) -> str:
+    """Read the process's output until a line starts with ``expected``; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     seen = []
     with selectors.DefaultSelector() as selector:
@@ -40,8 +20,8 @@ def wait_for_line(process, expected: str, timeout: float) -> None:
                 line = process.stdout.readline()
                 if not line:
                     break
-                if line.strip() == expected:
-                    return
+                if line.startswith(expected):
+                    return line
                 seen.append(line)
     raise AssertionError(f"no line {expected!r} within {timeout} s; output was:\n{''.join(seen)}")
 
@@ -49,7 +29,7 @@ def wait_for_line(process, expected: str, timeout: float) -> None:
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     config_path = tmp_path_factory.mktemp("cluster") / "cluster.json"
-    with LocalCluster.start(base_port=free_base_port(), config_path=config_path) as running:
+    with LocalCluster.start(base_port=find_free_base_port(), config_path=config_path) as running:
         yield running
 
 

@@ -9,8 +9,8 @@ import time
 import psutil
 import pytest
 
-from conftest import free_base_port
 from private_predictions import ClusterError, LocalCluster, PrivateClient
+from private_predictions.cluster import find_free_base_port
 from private_predictions.config import ClusterConfig
 
 
@@ -20,7 +20,7 @@ def wait_for_exit(pids, timeout):
 
 
 def test_stop_leaves_no_process(tmp_path):
-    cluster = LocalCluster.start(base_port=free_base_port(), config_path=tmp_path / "c.json")
+    cluster = LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "c.json")
     pids = list(cluster.pids.values())
     assert all(psutil.pid_exists(pid) for pid in pids)
     cluster.stop()
@@ -32,7 +32,7 @@ def test_servers_die_with_their_owner(tmp_path):
     owner = subprocess.Popen(
         [sys.executable, "-c",
          "import sys; from private_predictions import LocalCluster\n"
-         f"c = LocalCluster.start(base_port={free_base_port()}, config_path=sys.argv[1])\n"
+         f"c = LocalCluster.start(base_port={find_free_base_port()}, config_path=sys.argv[1])\n"
          "print(*c.pids.values(), flush=True)\n"
          "sys.stdin.read()",
          str(tmp_path / "c.json")],
@@ -46,7 +46,7 @@ def test_servers_die_with_their_owner(tmp_path):
 
 
 def test_busy_port_is_named_with_its_process(tmp_path):
-    base = free_base_port()
+    base = find_free_base_port()
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", base + 1))
         squatter.listen()
@@ -56,7 +56,7 @@ def test_busy_port_is_named_with_its_process(tmp_path):
 
 def test_unreachable_servers_fail_fast(tmp_path):
     config_path = tmp_path / "c.json"
-    ClusterConfig.local(free_base_port()).save(config_path)
+    ClusterConfig.local(find_free_base_port()).save(config_path)
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="not answering"):
         PrivateClient.connect(config_path, timeout=3)

@@ -6,6 +6,7 @@ two output shares instead and adds them up on its own device only.
 """
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,10 @@ from .queues import ClientQueues, has_items, request_queue, wait_until
 from .serving import MAX_BATCH_SIZE, connect
 
 LOCAL_DEVICE = "/job:localhost/replica:0/task:0/device:CPU:0"
+
+
+class ServerUnreachableError(ConnectionError):
+    """A server stopped answering in the middle of a query."""
 
 
 class InvalidImageError(ValueError):
@@ -118,23 +123,60 @@ class PrivateClient:
 
     def send(self, images: np.ndarray) -> None:
         share0, share1 = self.share(validate_images(images))
-        self.queues.inputs[0].enqueue(share0)
-        self.queues.inputs[1].enqueue(share1)
-        # The id goes last: when the serving side reads it, both shares are waiting.
-        self.requests.enqueue(tf.constant(self.queues.client_id))
+        with self._servers_needed():
+            self.queues.inputs[0].enqueue(share0)
+            self.queues.inputs[1].enqueue(share1)
+            # The id goes last: when the serving side reads it, both shares are waiting.
+            self.requests.enqueue(tf.constant(self.queues.client_id))
+
+    def check_servers(self) -> None:
+        """Raise ServerUnreachableError naming the first server whose port is closed."""
+        for name in SERVER_NAMES:
+            if not port_is_open(*self.config.address(name)):
+                raise ServerUnreachableError(
+                    f"{name} ({self.config.hosts[name]}) is not answering, so this query cannot "
+                    "finish. Restart the servers (notebook 02), then connect a new client."
+                )
+
+    def _answer_ready(self) -> bool:
+        # A dead server2 would otherwise go unnoticed here: the shares wait on server0
+        # and server1, which are still up. Checking ports costs a few ms, so once a second.
+        now = time.monotonic()
+        if now - self._last_server_check > 1.0:
+            self._last_server_check = now
+            self.check_servers()
+        return all(has_items(q) for q in self.queues.outputs)
+
+    @contextmanager
+    def _servers_needed(self):
+        try:
+            yield
+        except tf.errors.UnavailableError as error:
+            self.check_servers()
+            raise ServerUnreachableError(f"lost the connection to the servers: {error.message}") from error
 
     def receive(self, timeout: float = 120.0) -> np.ndarray:
-        wait_until(lambda: all(has_items(q) for q in self.queues.outputs), timeout,
-                   f"No answer from the served model within {timeout:.0f} s. Is "
-                   "notebooks/02_secure_serving.ipynb serving requests?")
-        # .numpy() copies each share to this device; they are added up only here.
-        share0, share1 = (q.dequeue().numpy() for q in self.queues.outputs)
+        self._last_server_check = time.monotonic()
+        with self._servers_needed():
+            wait_until(self._answer_ready, timeout,
+                       f"No answer from the served model within {timeout:.0f} s. Is "
+                       "notebooks/02_secure_serving.ipynb serving requests?")
+            # .numpy() copies each share to this device; they are added up only here.
+            share0, share1 = (q.dequeue().numpy() for q in self.queues.outputs)
         return self.reconstruct(share0, share1)
 
     def predict_logits(self, images: np.ndarray, timeout: float = 120.0) -> np.ndarray:
         """Private logits for a batch of images of shape (n, 28, 28, 1) with values in [0, 1]."""
         self.send(images)
         return self.receive(timeout)
+
+    def close(self) -> None:
+        """Delete this client's queues from the servers (if they are still up)."""
+        for queue in self.queues.inputs + self.queues.outputs:
+            try:
+                queue.delete()
+            except tf.errors.OpError:
+                pass
 
     def predict(self, images: np.ndarray, timeout: float = 120.0) -> np.ndarray:
         """Private class probabilities: the softmax is applied here, on the client."""

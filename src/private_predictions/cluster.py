@@ -35,6 +35,26 @@ def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def find_free_base_port(count: int = 3) -> int:
+    """A port p such that p .. p+count-1 are all free right now (for tests and benchmarks)."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            base = probe.getsockname()[1]
+        if base + count < 65536 and all(_port_is_free(base + i) for i in range(count)):
+            return base
+    raise ClusterError(f"found no {count} consecutive free ports")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", port))
+            return True
+        except OSError:
+            return False
+
+
 def who_listens_on(port: int) -> Optional[psutil.Process]:
     for connection in psutil.net_connections(kind="tcp"):
         if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:

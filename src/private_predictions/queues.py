@@ -9,20 +9,53 @@ another's prediction, however many query at once.
 """
 import time
 
+from tensorflow.python.ops import gen_data_flow_ops
+
 from ._tf import tf
-from tf_encrypted.queue.fifo import TFFIFOQueue
 
 REQUEST_QUEUE = "private-predictions/requests"
 CAPACITY = 64
 
 
-def _queue(device: str, shared_name: str, dtype=tf.int64) -> TFFIFOQueue:
-    # No fixed shape: one queue carries batches of any size.
-    with tf.device(device):
-        return TFFIFOQueue(capacity=CAPACITY, dtypes=[dtype], shared_name=shared_name)
+class SharedQueue:
+    """A FIFO queue that lives on one server, shared by name between processes.
+
+    tf.queue.FIFOQueue (and tf-encrypted's copy of it) deletes the queue on the server
+    as soon as the Python object holding it is collected, even when other processes
+    still use it by name: one client that exits would delete the request queue for
+    everybody. This handle never deletes the queue; only :meth:`delete` does.
+    """
+
+    def __init__(self, device: str, shared_name: str, dtype=tf.int64):
+        self.device, self.shared_name, self.dtype = device, shared_name, dtype
+        with tf.device(device):
+            # No fixed shape: one queue carries batches of any size.
+            self.handle = gen_data_flow_ops.fifo_queue_v2(
+                component_types=[dtype], capacity=CAPACITY, shared_name=shared_name)
+
+    def enqueue(self, value) -> None:
+        with tf.device(self.device):
+            gen_data_flow_ops.queue_enqueue_v2(self.handle, [value])
+
+    def dequeue(self):
+        """Take the oldest item; blocks while the queue is empty, so check :meth:`size` first."""
+        with tf.device(self.device):
+            return gen_data_flow_ops.queue_dequeue_v2(self.handle, [self.dtype])[0]
+
+    def size(self) -> int:
+        with tf.device(self.device):
+            return int(gen_data_flow_ops.queue_size_v2(self.handle))
+
+    def delete(self) -> None:
+        with tf.device(self.device):
+            tf.raw_ops.DestroyResourceOp(resource=self.handle, ignore_lookup_error=True)
 
 
-def request_queue(protocol) -> TFFIFOQueue:
+def _queue(device: str, shared_name: str, dtype=tf.int64) -> SharedQueue:
+    return SharedQueue(device, shared_name, dtype)
+
+
+def request_queue(protocol) -> SharedQueue:
     return _queue(protocol.server_0.device_name, REQUEST_QUEUE, dtype=tf.string)
 
 
@@ -52,5 +85,5 @@ def wait_until(condition, timeout: float, message: str) -> None:
         pause = min(pause * 2, 0.02)
 
 
-def has_items(queue) -> bool:
-    return int(queue.size()) > 0
+def has_items(queue: SharedQueue) -> bool:
+    return queue.size() > 0

@@ -3,6 +3,7 @@
 Used by the tests, and on the model owner's machine in a multi-host deployment.
 """
 import argparse
+import time
 
 from .config import ClusterConfig
 from .model import load_logits_model
@@ -16,8 +17,11 @@ def main(argv=None) -> None:
     parser.add_argument("--requests", type=int, default=None, help="stop after this many (default: never)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for each request")
     args = parser.parse_args(argv)
-    secure_model = share_model(load_logits_model(), connect(ClusterConfig.load(args.config)))
-    print("serving", flush=True)
+    model = load_logits_model()
+    protocol = connect(ClusterConfig.load(args.config))
+    start = time.perf_counter()
+    secure_model = share_model(model, protocol)
+    print(f"serving (model shared in {time.perf_counter() - start:.2f} s)", flush=True)
     if args.requests is None:
         while True:
             secure_model.serve_one(args.timeout)

@@ -8,6 +8,10 @@ from .config import ClusterConfig
 from .queues import ClientQueues, has_items, request_queue, wait_until
 
 MAX_BATCH_SIZE = 128
+# Every batch is padded up to one of these sizes, so the network is traced into a graph
+# at most four times (tracing SecureNN takes seconds), whatever sizes clients send.
+BATCH_BUCKETS = (1, 8, 32, MAX_BATCH_SIZE)
+INPUT_GRACE_SECONDS = 5.0
 
 
 class ServingError(RuntimeError):
@@ -66,11 +70,37 @@ class SecureModel:
                    "(notebooks/03_private_prediction.ipynb) while this one serves.")
         client_id = self._requests.dequeue().numpy().decode()
         queues = self._queues_of(client_id)
+        # A client's enqueues reach server0 and server1 independently (TF sends remote
+        # ops without waiting), so its id can arrive before its share on server1; and a
+        # client killed mid-send never completes it. Wait briefly, then give up on it.
+        try:
+            wait_until(lambda: all(has_items(q) for q in queues.inputs), INPUT_GRACE_SECONDS,
+                       "incomplete request")
+        except TimeoutError:
+            self._drop_incomplete(queues)
+            return 0
         share0, share1 = (queue.dequeue() for queue in queues.inputs)
+        batch = int(share0.shape[0])
+        bucket = next(size for size in BATCH_BUCKETS if size >= batch)
+        # Zero rows are valid shares of zero images: both servers pad their share alike,
+        # each on its own device, and the extra rows are dropped before answering.
+        padding = [[0, bucket - batch], [0, 0], [0, 0], [0, 0]]
+        with tf.device(self.protocol.server_0.device_name):
+            share0 = tf.pad(share0, padding)
+        with tf.device(self.protocol.server_1.device_name):
+            share1 = tf.pad(share1, padding)
         out0, out1 = self._predict_on_shares(share0, share1)
-        queues.outputs[0].enqueue(out0)
-        queues.outputs[1].enqueue(out1)
-        return int(share0.shape[0])
+        with tf.device(self.protocol.server_0.device_name):
+            queues.outputs[0].enqueue(out0[:batch])
+        with tf.device(self.protocol.server_1.device_name):
+            queues.outputs[1].enqueue(out1[:batch])
+        return batch
+
+    @staticmethod
+    def _drop_incomplete(queues: ClientQueues) -> None:
+        for queue in queues.inputs:
+            if has_items(queue):
+                queue.dequeue()
 
     def serve(self, num_requests: int, timeout: float = 120.0,
               report: Optional[Callable[[str], None]] = print) -> None:
@@ -79,13 +109,18 @@ class SecureModel:
         Returns once every client has collected its results, so the servers can be
         stopped right after without cutting off a client.
         """
+        report = report or (lambda line: None)
         for number in range(1, num_requests + 1):
             batch = self.serve_one(timeout)
-            if report is not None:
+            if batch == 0:
+                report(f"Request {number}/{num_requests}: dropped, its client vanished while sending it")
+            else:
                 images = "image" if batch == 1 else "images"
                 report(f"Request {number}/{num_requests}: answered a private batch of {batch} {images}")
-        wait_until(self._all_results_collected, timeout,
-                   f"A client did not collect its results within {timeout:.0f} s.")
+        try:
+            wait_until(self._all_results_collected, timeout, "")
+        except TimeoutError:
+            report(f"Some results were not collected within {timeout:.0f} s: their clients are gone.")
 
     def close(self) -> None:
         """Delete the weight shares from the servers; the model cannot serve afterwards.

@@ -1,0 +1,199 @@
+"""Measure what a private prediction costs on this machine, with three local servers.
+
+    .venv/bin/python benchmarks/benchmark.py [--output build/benchmark]
+
+Prints a table and writes benchmark.json and benchmark.png to the output folder.
+Every process it starts is stopped before it exits.
+"""
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from private_predictions import LocalCluster, PrivateClient, load_logits_model, load_mnist
+from private_predictions.cluster import find_free_base_port
+from private_predictions._tf import tf
+from private_predictions.serving import MAX_BATCH_SIZE
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BATCH_SIZES = (1, 8, 32, MAX_BATCH_SIZE)
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The kernel's high-water mark of the process's resident memory (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+def loopback_bytes() -> int:
+    return int(Path("/sys/class/net/lo/statistics/tx_bytes").read_text())
+
+
+def percentile_ms(seconds, q):
+    return float(np.percentile(seconds, q) * 1000)
+
+
+def time_calls(function, repeats, progress=None):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+        if progress is not None:
+            progress.update(1)
+    return times
+
+
+def start_serving(config_path: Path) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "private_predictions.serve", str(config_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    line = process.stdout.readline()
+    if not line.startswith("serving"):
+        process.kill()
+        raise RuntimeError("the serving process did not start:\n" + line + process.stdout.read())
+    # Drain its output in the background so it can never block on a full pipe.
+    threading.Thread(target=process.stdout.read, daemon=True).start()
+    return process, float(line.split("model shared in ")[1].split()[0])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=str(REPO_ROOT / "build" / "benchmark"))
+    parser.add_argument("--latency-queries", type=int, default=100)
+    parser.add_argument("--throughput-queries", type=int, default=10)
+    args = parser.parse_args(argv)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+
+    (_, _), (x_test, y_test) = load_mnist()
+    plaintext_model = load_logits_model()
+    plaintext_call = tf.function(lambda x: plaintext_model(x))
+    results = {"machine": {"python": platform.python_version(), "tensorflow": tf.__version__,
+                           "cpus": len(__import__("os").sched_getaffinity(0))}}
+
+    with LocalCluster.start(base_port=find_free_base_port(), config_path=output / "cluster.json") as cluster:
+        serving, results["secure_model_seconds"] = start_serving(cluster.config_path)
+        try:
+            client = PrivateClient.connect(cluster.config_path, timeout=60)
+            steps = len(BATCH_SIZES) + args.latency_queries + len(BATCH_SIZES) * args.throughput_queries
+            steps += -(-len(x_test) // MAX_BATCH_SIZE)
+            with tqdm(total=steps, desc="benchmark", unit="query") as progress:
+                for batch in BATCH_SIZES:  # trace each batch size once before timing
+                    client.predict_logits(x_test[:batch])
+                    plaintext_call(x_test[:batch])
+                    progress.update(1)
+
+                one = x_test[:1]
+                private = time_calls(lambda: client.predict_logits(one), args.latency_queries, progress)
+                plaintext = time_calls(lambda: plaintext_call(one).numpy(), args.latency_queries)
+                results["batch1"] = {
+                    "private_median_ms": percentile_ms(private, 50),
+                    "private_p95_ms": percentile_ms(private, 95),
+                    "plaintext_median_ms": percentile_ms(plaintext, 50),
+                    "queries": args.latency_queries,
+                }
+                results["batch1"]["ratio"] = (results["batch1"]["private_median_ms"]
+                                              / results["batch1"]["plaintext_median_ms"])
+
+                results["throughput"] = []
+                for batch in BATCH_SIZES:
+                    images = x_test[:batch]
+                    sent_before = loopback_bytes()
+                    times = time_calls(lambda: client.predict_logits(images), args.throughput_queries, progress)
+                    sent = loopback_bytes() - sent_before
+                    results["throughput"].append({
+                        "batch": batch,
+                        "images_per_second": batch * len(times) / sum(times),
+                        "median_query_ms": percentile_ms(times, 50),
+                        "loopback_bytes_per_image": sent / (batch * len(times)),
+                    })
+
+                start = time.perf_counter()
+                logits = []
+                for first in range(0, len(x_test), MAX_BATCH_SIZE):
+                    logits.append(client.predict_logits(x_test[first:first + MAX_BATCH_SIZE]))
+                    progress.update(1)
+                seconds = time.perf_counter() - start
+            private_logits = np.concatenate(logits)
+            plain_logits = np.concatenate([plaintext_call(x_test[i:i + 1000]).numpy()
+                                           for i in range(0, len(x_test), 1000)])
+            results["test_set"] = {
+                "images": len(x_test),
+                "seconds": seconds,
+                "private_accuracy": float((private_logits.argmax(1) == y_test).mean()),
+                "plaintext_accuracy": float((plain_logits.argmax(1) == y_test).mean()),
+                "argmax_agreement": float((private_logits.argmax(1) == plain_logits.argmax(1)).mean()),
+                "max_abs_logit_error": float(np.abs(private_logits - plain_logits).max()),
+            }
+            results["peak_rss_bytes"] = {name: peak_rss_bytes(pid) for name, pid in cluster.pids.items()}
+            results["peak_rss_bytes"]["model owner (serving)"] = peak_rss_bytes(serving.pid)
+            results["peak_rss_bytes"]["client"] = peak_rss_bytes(__import__("os").getpid())
+        finally:
+            serving.kill()
+            serving.wait(10)
+
+    (output / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, output / "benchmark.png")
+    print(table(results))
+    print(f"\nwritten: {output / 'benchmark.json'}, {output / 'benchmark.png'}")
+
+
+def table(results) -> str:
+    b1, ts = results["batch1"], results["test_set"]
+    lines = [
+        f"batch-1 latency: private median {b1['private_median_ms']:.1f} ms, p95 {b1['private_p95_ms']:.1f} ms; "
+        f"plaintext median {b1['plaintext_median_ms']:.2f} ms; ratio {b1['ratio']:.0f}x ({b1['queries']} queries)",
+        f"time to secure the model (share its weights across the servers): {results['secure_model_seconds']:.2f} s",
+        "",
+        f"{'batch':>6} {'images/s':>10} {'query ms':>10} {'loopback bytes/image':>22}",
+    ]
+    for row in results["throughput"]:
+        lines.append(f"{row['batch']:>6} {row['images_per_second']:>10.1f} {row['median_query_ms']:>10.1f} "
+                     f"{row['loopback_bytes_per_image'] / 1e6:>19.2f} MB")
+    lines += [
+        "",
+        f"test set ({ts['images']} images, batches of {MAX_BATCH_SIZE}): {ts['seconds']:.1f} s; "
+        f"accuracy private {ts['private_accuracy']:.2%} vs plaintext {ts['plaintext_accuracy']:.2%}; "
+        f"argmax agreement {ts['argmax_agreement']:.2%}; max |logit error| {ts['max_abs_logit_error']:.4f}",
+        "peak resident memory: " + ", ".join(f"{name} {rss / 2**30:.2f} GiB"
+                                            for name, rss in results["peak_rss_bytes"].items()),
+        f"all processes together: {sum(results['peak_rss_bytes'].values()) / 2**30:.2f} GiB",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["throughput"]
+    batches = [r["batch"] for r in rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.plot(batches, [r["median_query_ms"] for r in rows], "o-")
+    left.set(xscale="log", yscale="log", xlabel="batch size", ylabel="median query time (ms)",
+             title="Latency of one private query")
+    right.plot(batches, [r["images_per_second"] for r in rows], "o-")
+    right.set(xscale="log", xlabel="batch size", ylabel="images / s", title="Private throughput")
+    for axis in (left, right):
+        axis.set_xticks(batches)
+        axis.set_xticklabels(batches)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

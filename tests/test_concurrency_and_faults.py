@@ -1,0 +1,83 @@
+"""Many clients at once get exactly their own answers; refusing to run without secure randomness."""
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from private_predictions import load_logits_model, load_mnist
+
+CLIENTS, QUERIES = 4, 25
+
+
+def test_concurrent_clients_each_get_exactly_their_own_predictions(cluster, serving):
+    clients = [
+        subprocess.Popen(
+            [sys.executable, "-m", "private_predictions.query", str(cluster.config_path),
+             "--first", str(1000 + 100 * number), "--count", str(QUERIES), "--timeout", "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for number in range(CLIENTS)
+    ]
+    answers = []
+    for client in clients:
+        stdout, stderr = client.communicate(timeout=300)
+        assert client.returncode == 0, stderr[-2000:]
+        answers.append([json.loads(line) for line in stdout.splitlines()])
+
+    (_, _), (x_test, _) = load_mnist()
+    plaintext = load_logits_model()
+    for number, answer in enumerate(answers):
+        expected = list(range(1000 + 100 * number, 1000 + 100 * number + QUERIES))
+        assert [a["index"] for a in answer] == expected  # none lost, none duplicated
+        logits = np.array([a["logits"] for a in answer])
+        plain = plaintext(x_test[expected]).numpy()
+        # Another client's answer would differ by far more than fixed-point rounding.
+        assert np.abs(logits - plain).max() < 0.1
+        assert [a["prediction"] for a in answer] == list(plain.argmax(axis=1))
+
+
+SIMULATE_MISSING_OP = """
+import tensorflow as tf
+from tensorflow.python.framework.errors import NotFoundError
+
+def missing(path):
+    raise NotFoundError(None, None, "simulated: op library missing")
+
+tf.load_op_library = missing
+import private_predictions
+"""
+
+
+def test_refuses_to_run_without_secure_randomness():
+    # Servers, serving side and client all import the package first, so all refuse.
+    result = subprocess.run([sys.executable, "-c", SIMULATE_MISSING_OP],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "InsecureRandomnessError" in result.stderr
+    assert "secure-randomness op did not load" in result.stderr
+
+
+def test_a_killed_server_gives_the_client_a_clear_error_quickly(tmp_path):
+    from conftest import wait_for_line
+    from private_predictions import LocalCluster, PrivateClient
+    from private_predictions.client import ServerUnreachableError
+    from private_predictions.cluster import find_free_base_port
+
+    (_, _), (x_test, _) = load_mnist()
+    with LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "c.json") as cluster:
+        serving = subprocess.Popen([sys.executable, "-m", "private_predictions.serve", str(cluster.config_path)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for_line(serving, "serving", timeout=120)
+            client = PrivateClient.connect(cluster.config_path, timeout=30)
+            client.predict_logits(x_test[:1])
+            cluster.processes["server2"].kill()
+            start = time.monotonic()
+            with pytest.raises(ServerUnreachableError, match="server2"):
+                client.predict_logits(x_test[:1], timeout=60)
+            assert time.monotonic() - start < 15
+        finally:
+            serving.kill()
+            serving.wait(10)
