@@ -13,3 +13,6 @@ test: setup
 
 lab: setup
 	.venv/bin/jupyter lab notebooks/
+
+benchmark: setup
+	.venv/bin/python benchmarks/benchmark.py

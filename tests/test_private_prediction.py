@@ -88,3 +88,16 @@ def test_bad_input_is_rejected_before_sending(client, test_set, plaintext_model,
     monkeypatch.undo()
     image = test_set[0][7:8]
     assert client.predict_logits(image).argmax() == plaintext_model(image).numpy().argmax()
+
+
+def test_accuracy_guard_on_256_images(client, test_set, plaintext_model):
+    """Speed work must never cost accuracy silently: the series' configuration on 256 images."""
+    from private_predictions.serving import MAX_BATCH_SIZE
+
+    images = test_set[0][:256]
+    private = np.concatenate([client.predict_logits(images[i:i + MAX_BATCH_SIZE])
+                              for i in range(0, len(images), MAX_BATCH_SIZE)])
+    plaintext = plaintext_model(images).numpy()
+    # On the whole test set 2 of 10,000 argmaxes differ (near-ties), so allow one here.
+    assert (private.argmax(axis=1) != plaintext.argmax(axis=1)).sum() <= 1
+    assert np.abs(private - plaintext).max() < LOGIT_TOLERANCE

@@ -25,11 +25,7 @@ def execute_notebook(name: str, output_dir: Path, timeout: int = 600) -> Path:
     from nbclient import NotebookClient
 
     notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
-    from jupyter_client.manager import KernelManager
-
-    # IPC sockets instead of TCP: the kernel's channels stay private to this machine's user.
-    kernel = KernelManager(kernel_name="python3", transport="ipc")
-    NotebookClient(notebook, km=kernel, timeout=timeout,
+    NotebookClient(notebook, timeout=timeout, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOK_DIR)}}).execute()
     output = output_dir / name
     nbformat.write(notebook, output)
