@@ -1,4 +1,4 @@
-"""Many clients at once get exactly their own answers; refusing to run without secure randomness."""
+"""Many clients at once get their own answers; faults end in clear errors, in bounded time."""
 import json
 import subprocess
 import sys
@@ -7,7 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from private_predictions import load_logits_model, load_mnist
+from conftest import wait_for_line
+from private_predictions import LocalCluster, PrivateClient, load_logits_model, load_mnist
+from private_predictions.client import ServerUnreachableError, ServingStoppedError
+from private_predictions.cluster import find_free_base_port
 
 CLIENTS, QUERIES = 4, 25
 
@@ -34,7 +37,7 @@ def test_concurrent_clients_each_get_exactly_their_own_predictions(cluster, serv
         logits = np.array([a["logits"] for a in answer])
         plain = plaintext(x_test[expected]).numpy()
         # Another client's answer would differ by far more than fixed-point rounding.
-        assert np.abs(logits - plain).max() < 0.1
+        assert np.abs(logits - plain).max() < 0.02
         assert [a["prediction"] for a in answer] == list(plain.argmax(axis=1))
 
 
@@ -60,17 +63,11 @@ def test_refuses_to_run_without_secure_randomness():
 
 
 def test_a_killed_server_gives_the_client_a_clear_error_quickly(tmp_path):
-    from conftest import wait_for_line
-    from private_predictions import LocalCluster, PrivateClient
-    from private_predictions.client import ServerUnreachableError
-    from private_predictions.cluster import find_free_base_port
 
     (_, _), (x_test, _) = load_mnist()
     with LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "c.json") as cluster:
-        serving = subprocess.Popen([sys.executable, "-m", "private_predictions.serve", str(cluster.config_path)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        serving = start_serving(cluster.config_path)
         try:
-            wait_for_line(serving, "serving", timeout=120)
             client = PrivateClient.connect(cluster.config_path, timeout=30)
             client.predict_logits(x_test[:1])
             cluster.processes["server2"].kill()
@@ -78,6 +75,39 @@ def test_a_killed_server_gives_the_client_a_clear_error_quickly(tmp_path):
             with pytest.raises(ServerUnreachableError, match="server2"):
                 client.predict_logits(x_test[:1], timeout=60)
             assert time.monotonic() - start < 15
+        finally:
+            serving.kill()
+            serving.wait(10)
+
+
+def start_serving(config_path):
+
+    process = subprocess.Popen([sys.executable, "-m", "private_predictions.serve", str(config_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_line(process, "serving", timeout=120)
+    return process
+
+
+def test_a_killed_serving_side_gives_a_clear_error_and_a_restart_serves_again(tmp_path):
+
+    (_, _), (x_test, _) = load_mnist()
+    with LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "c.json") as cluster:
+        serving = start_serving(cluster.config_path)
+        try:
+            client = PrivateClient.connect(cluster.config_path, timeout=30)
+            client.predict_logits(x_test[:1])
+            serving.kill()
+            serving.wait(10)
+            start = time.monotonic()
+            with pytest.raises(ServingStoppedError, match="02_secure_serving"):
+                client.predict_logits(x_test[:1], timeout=60)
+            assert time.monotonic() - start < 15
+
+            serving = start_serving(cluster.config_path)
+            # The restarted side may still answer the failed query; that answer must not
+            # be taken for this one, so ask about a different image.
+            again = client.predict_logits(x_test[1:2], timeout=60)
+            assert again.argmax() == load_logits_model()(x_test[1:2]).numpy().argmax()
         finally:
             serving.kill()
             serving.wait(10)

@@ -6,8 +6,8 @@ from private_predictions import load_logits_model, load_mnist
 from private_predictions.client import InvalidImageError
 
 # Fixed-point resolution is 1/6561 per value (3^8); rounding and SecureNN's truncation
-# add up through four layers. Observed maxima are about 0.04.
-LOGIT_TOLERANCE = 0.1
+# add up through four layers: the whole test set stays below 0.007 (benchmarks/).
+LOGIT_TOLERANCE = 0.02
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,24 @@ from pathlib import Path
 
 import numpy as np
 
-from ._tf import tf, tfe
+from ._tf import tf
 from .cluster import port_is_open
 from .config import SERVER_NAMES, ClusterConfig
 from .data import IMAGE_SHAPE
 from .paths import CLUSTER_CONFIG_PATH
-from .queues import ClientQueues, has_items, request_queue, wait_until
+from .queues import ClientQueues, has_items, heartbeat_queue, request_queue, wait_until
 from .serving import MAX_BATCH_SIZE, connect
 
 LOCAL_DEVICE = "/job:localhost/replica:0/task:0/device:CPU:0"
+SERVING_SILENCE = 5.0
 
 
 class ServerUnreachableError(ConnectionError):
     """A server stopped answering in the middle of a query."""
+
+
+class ServingStoppedError(RuntimeError):
+    """The serving side stopped while this client waited for an answer."""
 
 
 class InvalidImageError(ValueError):
@@ -91,6 +96,8 @@ class PrivateClient:
         self.config = config
         self.queues = ClientQueues(protocol, uuid.uuid4().hex)
         self.requests = request_queue(protocol)
+        self.heartbeat = heartbeat_queue(protocol)
+        self._beat_size, self._beat_seen, self._beat_changed_at = None, False, 0.0
 
     @classmethod
     def connect(cls, config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 120.0):
@@ -138,13 +145,27 @@ class PrivateClient:
                     "finish. Restart the servers (notebook 02), then connect a new client."
                 )
 
+    def check_serving(self) -> None:
+        """Raise ServingStoppedError if a heartbeat seen before has not moved for SERVING_SILENCE s."""
+        size, now = self.heartbeat.size(), time.monotonic()
+        if self._beat_size is not None and size != self._beat_size:
+            # Armed only by a change: a queue left over from a dead serving side never changes.
+            self._beat_seen, self._beat_changed_at = True, now
+        self._beat_size = size
+        if self._beat_seen and now - self._beat_changed_at > SERVING_SILENCE:
+            raise ServingStoppedError(
+                f"The serving side stopped: no heartbeat for {SERVING_SILENCE:.0f} s. Run "
+                "notebooks/02_secure_serving.ipynb again, then connect a new client.")
+
     def _answer_ready(self) -> bool:
-        # A dead server2 would otherwise go unnoticed here: the shares wait on server0
-        # and server1, which are still up. Checking ports costs a few ms, so once a second.
+        # A dead server2 or serving process would otherwise go unnoticed here: the shares
+        # wait on server0 and server1, which are still up. Checking costs a few ms, so
+        # it happens twice a second.
         now = time.monotonic()
-        if now - self._last_server_check > 1.0:
-            self._last_server_check = now
+        if now - self._last_check > 0.5:
+            self._last_check = now
             self.check_servers()
+            self.check_serving()
         return all(has_items(q) for q in self.queues.outputs)
 
     @contextmanager
@@ -156,7 +177,7 @@ class PrivateClient:
             raise ServerUnreachableError(f"lost the connection to the servers: {error.message}") from error
 
     def receive(self, timeout: float = 120.0) -> np.ndarray:
-        self._last_server_check = time.monotonic()
+        self._last_check = self._beat_changed_at = time.monotonic()
         with self._servers_needed():
             wait_until(self._answer_ready, timeout,
                        f"No answer from the served model within {timeout:.0f} s. Is "
@@ -168,7 +189,13 @@ class PrivateClient:
     def predict_logits(self, images: np.ndarray, timeout: float = 120.0) -> np.ndarray:
         """Private logits for a batch of images of shape (n, 28, 28, 1) with values in [0, 1]."""
         self.send(images)
-        return self.receive(timeout)
+        try:
+            return self.receive(timeout)
+        except Exception:
+            # The unanswered request may still be answered later; a fresh set of queues
+            # makes sure that late answer can never be taken for the next query's.
+            self.queues = ClientQueues(self.protocol, uuid.uuid4().hex)
+            raise
 
     def close(self) -> None:
         """Delete this client's queues from the servers (if they are still up)."""

@@ -1,6 +1,5 @@
 """Start, watch and stop the three TF Encrypted servers on this machine."""
 import ctypes
-import os
 import signal
 import socket
 import subprocess

@@ -6,7 +6,7 @@ machine of a multi-host deployment.
 import argparse
 import sys
 
-from ._tf import tfe  # refuses to start without secure randomness
+from . import _tf  # noqa: F401  (refuses to start without secure randomness)
 from .config import ClusterConfig
 
 

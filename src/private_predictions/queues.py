@@ -14,7 +14,12 @@ from tensorflow.python.ops import gen_data_flow_ops
 from ._tf import tf
 
 REQUEST_QUEUE = "private-predictions/requests"
+HEARTBEAT_QUEUE = "private-predictions/heartbeat"
+HEARTBEAT_INTERVAL = 0.5
 CAPACITY = 64
+# Each poll is one round trip to a server (about 1 ms here); a longer pause would
+# add up to its length to every query's latency.
+MAX_POLL_PAUSE = 0.002
 
 
 class SharedQueue:
@@ -59,6 +64,15 @@ def request_queue(protocol) -> SharedQueue:
     return _queue(protocol.server_0.device_name, REQUEST_QUEUE, dtype=tf.string)
 
 
+def heartbeat_queue(protocol) -> SharedQueue:
+    """Its size flips between 1 and 2 every HEARTBEAT_INTERVAL while a model is served.
+
+    A queue's size can be read without taking anything out, so every client can watch
+    the same heartbeat and notice within seconds when the serving side is gone.
+    """
+    return _queue(protocol.server_0.device_name, HEARTBEAT_QUEUE)
+
+
 class ClientQueues:
     """One client's queues: input and output shares, on server0 and server1."""
 
@@ -82,7 +96,7 @@ def wait_until(condition, timeout: float, message: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(message)
         time.sleep(pause)
-        pause = min(pause * 2, 0.02)
+        pause = min(pause * 2, MAX_POLL_PAUSE)
 
 
 def has_items(queue: SharedQueue) -> bool:
