@@ -2,6 +2,7 @@ import selectors
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -33,19 +34,42 @@ def cluster(tmp_path_factory):
         yield running
 
 
-@pytest.fixture(scope="session")
-def serving(cluster):
-    """The trained model, shared and served forever by a separate process."""
+def start_serving(config_path) -> subprocess.Popen:
+    """Share the trained model on the cluster and serve it forever, from a process of its own."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "private_predictions.serve", str(cluster.config_path)],
+        [sys.executable, "-m", "private_predictions.serve", str(config_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         wait_for_line(process, "serving", timeout=120)
-        yield process
-    finally:
+    except BaseException:
         process.kill()
-        process.wait(10)
+        raise
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.kill()
+    process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def serving(cluster):
+    process = start_serving(cluster.config_path)
+    yield process
+    stop(process)
+
+
+@pytest.fixture
+def own_deployment(tmp_path):
+    """Servers, a serving process and a client of the test's own, for tests that break them."""
+    with LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "c.json") as cluster:
+        deployment = SimpleNamespace(cluster=cluster, serving=start_serving(cluster.config_path))
+        try:
+            deployment.client = PrivateClient.connect(cluster.config_path, timeout=30)
+            yield deployment
+        finally:
+            stop(deployment.serving)
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import wait_for_line
-from private_predictions import LocalCluster, PrivateClient, load_logits_model, load_mnist
+from conftest import start_serving, stop
+from private_predictions import load_logits_model, load_mnist
 from private_predictions.client import ServerUnreachableError, ServingStoppedError
-from private_predictions.cluster import find_free_base_port
 
 CLIENTS, QUERIES = 4, 25
 
@@ -62,52 +61,33 @@ def test_refuses_to_run_without_secure_randomness():
     assert "secure-randomness op did not load" in result.stderr
 
 
-def test_a_killed_server_gives_the_client_a_clear_error_quickly(tmp_path):
+def test_a_killed_server_gives_the_client_a_clear_error_quickly(own_deployment, test_images):
+    client = own_deployment.client
+    client.predict_logits(test_images[:1])
+    own_deployment.cluster.processes["server2"].kill()
+    start = time.monotonic()
+    with pytest.raises(ServerUnreachableError, match="server2"):
+        client.predict_logits(test_images[:1], timeout=60)
+    assert time.monotonic() - start < 15
 
+
+def test_a_killed_serving_side_gives_a_clear_error_and_a_restart_serves_again(own_deployment, test_images):
+    client = own_deployment.client
+    client.predict_logits(test_images[:1])
+    stop(own_deployment.serving)
+    start = time.monotonic()
+    with pytest.raises(ServingStoppedError, match="02_secure_serving"):
+        client.predict_logits(test_images[:1], timeout=60)
+    assert time.monotonic() - start < 15
+
+    own_deployment.serving = start_serving(own_deployment.cluster.config_path)
+    # The restarted side may still answer the failed query; that answer must not be
+    # taken for this one, so ask about a different image.
+    again = client.predict_logits(test_images[1:2], timeout=60)
+    assert again.argmax() == load_logits_model()(test_images[1:2]).numpy().argmax()
+
+
+@pytest.fixture(scope="module")
+def test_images():
     (_, _), (x_test, _) = load_mnist()
-    with LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "c.json") as cluster:
-        serving = start_serving(cluster.config_path)
-        try:
-            client = PrivateClient.connect(cluster.config_path, timeout=30)
-            client.predict_logits(x_test[:1])
-            cluster.processes["server2"].kill()
-            start = time.monotonic()
-            with pytest.raises(ServerUnreachableError, match="server2"):
-                client.predict_logits(x_test[:1], timeout=60)
-            assert time.monotonic() - start < 15
-        finally:
-            serving.kill()
-            serving.wait(10)
-
-
-def start_serving(config_path):
-
-    process = subprocess.Popen([sys.executable, "-m", "private_predictions.serve", str(config_path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_line(process, "serving", timeout=120)
-    return process
-
-
-def test_a_killed_serving_side_gives_a_clear_error_and_a_restart_serves_again(tmp_path):
-
-    (_, _), (x_test, _) = load_mnist()
-    with LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "c.json") as cluster:
-        serving = start_serving(cluster.config_path)
-        try:
-            client = PrivateClient.connect(cluster.config_path, timeout=30)
-            client.predict_logits(x_test[:1])
-            serving.kill()
-            serving.wait(10)
-            start = time.monotonic()
-            with pytest.raises(ServingStoppedError, match="02_secure_serving"):
-                client.predict_logits(x_test[:1], timeout=60)
-            assert time.monotonic() - start < 15
-
-            serving = start_serving(cluster.config_path)
-            # The restarted side may still answer the failed query; that answer must not
-            # be taken for this one, so ask about a different image.
-            again = client.predict_logits(x_test[1:2], timeout=60)
-            assert again.argmax() == load_logits_model()(x_test[1:2]).numpy().argmax()
-        finally:
-            serving.kill()
-            serving.wait(10)
+    return x_test
