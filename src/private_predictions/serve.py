@@ -23,8 +23,11 @@ def main(argv=None) -> None:
     secure_model = share_model(model, protocol)
     print(f"serving (model shared in {time.perf_counter() - start:.2f} s)", flush=True)
     if args.requests is None:
-        while True:
-            secure_model.serve_one(args.timeout)
+        while True:  # until interrupted: a quiet hour is no reason to stop
+            try:
+                secure_model.serve_one(args.timeout)
+            except TimeoutError:
+                continue
     else:
         secure_model.serve(args.requests, args.timeout, report=lambda line: print(line, flush=True))
 
