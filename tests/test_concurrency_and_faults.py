@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import start_serving, stop
-from private_predictions import load_logits_model, load_mnist
+from private_predictions import PrivateClient, load_logits_model, load_mnist
 from private_predictions.client import ServerUnreachableError, ServingStoppedError
 
 CLIENTS, QUERIES = 4, 25
@@ -91,3 +91,16 @@ def test_a_killed_serving_side_gives_a_clear_error_and_a_restart_serves_again(ow
 def test_images():
     (_, _), (x_test, _) = load_mnist()
     return x_test
+
+
+def test_a_client_that_vanishes_mid_request_does_not_block_the_others(client, test_images):
+    client.predict_logits(test_images[:1])  # the served graph exists before the clock starts
+    vanished = PrivateClient(client.protocol, client.config)
+    share0, _ = vanished.share(test_images[:1].astype(np.float64))
+    # What a client killed between its two enqueues leaves behind: one share and its id.
+    vanished.queues.inputs[0].enqueue(share0)
+    vanished.requests.enqueue(vanished.queues.client_id)
+    start = time.monotonic()
+    logits = client.predict_logits(test_images[2:3], timeout=60)
+    assert logits.argmax() == load_logits_model()(test_images[2:3]).numpy().argmax()
+    assert time.monotonic() - start < 15
