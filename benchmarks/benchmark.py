@@ -8,9 +8,6 @@ Every process it starts is stopped before it exits.
 import argparse
 import json
 import platform
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from tqdm import tqdm
 
 from private_predictions import LocalCluster, PrivateClient, load_logits_model, load_mnist
 from private_predictions.cluster import find_free_base_port
+from private_predictions.serve import start_serving_process
 from private_predictions._tf import tf
 from private_predictions.serving import MAX_BATCH_SIZE
 
@@ -53,20 +51,6 @@ def time_calls(function, repeats, progress=None):
     return times
 
 
-def start_serving(config_path: Path) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "private_predictions.serve", str(config_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    line = process.stdout.readline()
-    if not line.startswith("serving"):
-        process.kill()
-        raise RuntimeError("the serving process did not start:\n" + line + process.stdout.read())
-    # Drain its output in the background so it can never block on a full pipe.
-    threading.Thread(target=process.stdout.read, daemon=True).start()
-    return process, float(line.split("model shared in ")[1].split()[0])
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(REPO_ROOT / "build" / "benchmark"))
@@ -83,7 +67,7 @@ def main(argv=None):
                            "cpus": len(__import__("os").sched_getaffinity(0))}}
 
     with LocalCluster.start(base_port=find_free_base_port(), config_path=output / "cluster.json") as cluster:
-        serving, results["secure_model_seconds"] = start_serving(cluster.config_path)
+        serving, results["secure_model_seconds"] = start_serving_process(cluster.config_path)
         try:
             client = PrivateClient.connect(cluster.config_path, timeout=60)
             steps = len(BATCH_SIZES) + args.latency_queries + len(BATCH_SIZES) * args.throughput_queries

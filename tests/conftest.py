@@ -1,30 +1,11 @@
-import selectors
 import subprocess
-import sys
-import time
 from types import SimpleNamespace
 
 import pytest
 
 from private_predictions import LocalCluster, PrivateClient
 from private_predictions.cluster import find_free_base_port
-
-
-def wait_for_line(process, expected: str, timeout: float) -> str:
-    """Read the process's output until a line starts with ``expected``; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    seen = []
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if selector.select(timeout=max(0.0, deadline - time.monotonic())):
-                line = process.stdout.readline()
-                if not line:
-                    break
-                if line.startswith(expected):
-                    return line
-                seen.append(line)
-    raise AssertionError(f"no line {expected!r} within {timeout} s; output was:\n{''.join(seen)}")
+from private_predictions.serve import start_serving_process
 
 
 @pytest.fixture(scope="session")
@@ -36,16 +17,7 @@ def cluster(tmp_path_factory):
 
 def start_serving(config_path) -> subprocess.Popen:
     """Share the trained model on the cluster and serve it forever, from a process of its own."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "private_predictions.serve", str(config_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        wait_for_line(process, "serving", timeout=120)
-    except BaseException:
-        process.kill()
-        raise
-    return process
+    return start_serving_process(config_path)[0]
 
 
 def stop(process: subprocess.Popen) -> None:

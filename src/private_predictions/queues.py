@@ -56,12 +56,8 @@ class SharedQueue:
             tf.raw_ops.DestroyResourceOp(resource=self.handle, ignore_lookup_error=True)
 
 
-def _queue(device: str, shared_name: str, dtype=tf.int64) -> SharedQueue:
-    return SharedQueue(device, shared_name, dtype)
-
-
 def request_queue(protocol) -> SharedQueue:
-    return _queue(protocol.server_0.device_name, REQUEST_QUEUE, dtype=tf.string)
+    return SharedQueue(protocol.server_0.device_name, REQUEST_QUEUE, dtype=tf.string)
 
 
 def heartbeat_queue(protocol) -> SharedQueue:
@@ -70,7 +66,7 @@ def heartbeat_queue(protocol) -> SharedQueue:
     A queue's size can be read without taking anything out, so every client can watch
     the same heartbeat and notice within seconds when the serving side is gone.
     """
-    return _queue(protocol.server_0.device_name, HEARTBEAT_QUEUE)
+    return SharedQueue(protocol.server_0.device_name, HEARTBEAT_QUEUE)
 
 
 class ClientQueues:
@@ -80,8 +76,8 @@ class ClientQueues:
         self.client_id = client_id
         devices = (protocol.server_0.device_name, protocol.server_1.device_name)
         prefix = f"private-predictions/{client_id}"
-        self.inputs = [_queue(d, f"{prefix}/in-{i}") for i, d in enumerate(devices)]
-        self.outputs = [_queue(d, f"{prefix}/out-{i}") for i, d in enumerate(devices)]
+        self.inputs = [SharedQueue(d, f"{prefix}/in-{i}") for i, d in enumerate(devices)]
+        self.outputs = [SharedQueue(d, f"{prefix}/out-{i}") for i, d in enumerate(devices)]
 
 
 def wait_until(condition, timeout: float, message: str) -> None:

@@ -3,7 +3,12 @@
 Used by the tests, and on the model owner's machine in a multi-host deployment.
 """
 import argparse
+import selectors
+import subprocess
+import sys
+import threading
 import time
+from typing import Tuple
 
 from .config import ClusterConfig
 from .model import load_logits_model
@@ -21,7 +26,7 @@ def main(argv=None) -> None:
     protocol = connect(ClusterConfig.load(args.config))
     start = time.perf_counter()
     secure_model = share_model(model, protocol)
-    print(f"serving (model shared in {time.perf_counter() - start:.2f} s)", flush=True)
+    print(f"{READY} (model shared in {time.perf_counter() - start:.2f} s)", flush=True)
     if args.requests is None:
         while True:  # until interrupted: a quiet hour is no reason to stop
             try:
@@ -30,6 +35,36 @@ def main(argv=None) -> None:
                 continue
     else:
         secure_model.serve(args.requests, args.timeout, report=lambda line: print(line, flush=True))
+
+
+READY = "serving"
+
+
+def start_serving_process(config_path, timeout: float = 120.0) -> Tuple[subprocess.Popen, float]:
+    """Run this module in a child process; return it, and the seconds it took to share the model.
+
+    Waits at most ``timeout`` s for the child to say it is serving, and kills it otherwise.
+    """
+    process = subprocess.Popen([sys.executable, "-m", __name__, str(config_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, seen = time.monotonic() + timeout, []
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if not selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                continue
+            line = process.stdout.readline()
+            if not line:
+                break
+            if line.startswith(READY):
+                # Keep reading its output, so the child can never block on a full pipe.
+                threading.Thread(target=process.stdout.read, daemon=True).start()
+                return process, float(line.split("model shared in ")[1].split()[0])
+            seen.append(line)
+    process.kill()
+    process.wait(10)
+    raise RuntimeError(f"the serving process did not start within {timeout:.0f} s; "
+                       f"its output was:\n{''.join(seen)}")
 
 
 if __name__ == "__main__":

@@ -171,4 +171,3 @@ def share_model(keras_model, protocol) -> SecureModel:
     private_model = tfe.keras.models.Sequential.from_config(config)
     private_model.set_weights(keras_model.get_weights())
     return SecureModel(protocol, private_model)
-
