@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ._tf import tf
-from .cluster import port_is_open
+from .cluster import port_is_open, wait_for_servers
 from .config import SERVER_NAMES, ClusterConfig
 from .data import IMAGE_SHAPE
 from .paths import CLUSTER_CONFIG_PATH
@@ -69,23 +69,6 @@ def validate_images(images) -> np.ndarray:
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
-def wait_for_servers(config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 120.0) -> ClusterConfig:
-    """Wait until the serving side has written its configuration and all servers listen."""
-    config_path = Path(config_path)
-    wait_until(config_path.exists, timeout,
-               f"No cluster configuration appeared at {config_path} within {timeout:.0f} s. "
-               "Start the servers with notebooks/02_secure_serving.ipynb first.")
-    config = ClusterConfig.load(config_path)
-
-    def all_listening():
-        return all(port_is_open(*config.address(name)) for name in SERVER_NAMES)
-
-    wait_until(all_listening, timeout,
-               f"The servers in {config_path} ({', '.join(config.hosts.values())}) are not "
-               f"answering after {timeout:.0f} s. Start them with notebooks/02_secure_serving.ipynb.")
-    return config
 
 
 class PrivateClient:

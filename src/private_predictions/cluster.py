@@ -7,12 +7,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import psutil
 
 from .config import SERVER_NAMES, ClusterConfig
 from .paths import CLUSTER_CONFIG_PATH
+from .queues import wait_until
 
 
 class ClusterError(RuntimeError):
@@ -71,6 +72,36 @@ def describe_port_holder(port: int) -> str:
     return f"port {port} is in use by process {holder.pid} ({' '.join(holder.cmdline())[:120]})"
 
 
+def wait_for_servers(config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 120.0) -> ClusterConfig:
+    """Wait until the serving side has written its configuration and all servers listen."""
+    config_path = Path(config_path)
+    # Servers take seconds to start: checking ten times a second leaves the CPU to them.
+    wait_until(config_path.exists, timeout,
+               f"No cluster configuration appeared at {config_path} within {timeout:.0f} s. "
+               "Start the servers with notebooks/02_secure_serving.ipynb first.", max_pause=0.1)
+    config = ClusterConfig.load(config_path)
+
+    def all_listening():
+        return all(port_is_open(*config.address(name)) for name in SERVER_NAMES)
+
+    wait_until(all_listening, timeout,
+               f"The servers in {config_path} ({', '.join(config.hosts.values())}) are not "
+               f"answering after {timeout:.0f} s. Start them with notebooks/02_secure_serving.ipynb.",
+               max_pause=0.1)
+    return config
+
+
+def start_player(config_path: Path, name: str, log, launcher: Sequence[str] = ()) -> subprocess.Popen:
+    """Start one server process, ``launcher`` + ``python -m private_predictions.player CONFIG NAME``.
+
+    ``launcher`` runs it elsewhere, e.g. ``ip netns exec NAMESPACE`` in the several-hosts test.
+    """
+    return subprocess.Popen(
+        [*launcher, sys.executable, "-m", "private_predictions.player", str(config_path), name],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+    )
+
+
 class LocalCluster:
     """The three servers of a TF Encrypted cluster, as child processes of this one.
 
@@ -108,13 +139,7 @@ class LocalCluster:
         for name in SERVER_NAMES:
             self._logs[name] = log_dir / f"{name}.log"
             with open(self._logs[name], "wb") as log:
-                self.processes[name] = subprocess.Popen(
-                    [sys.executable, "-m", "private_predictions.player", str(self.config_path), name],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    preexec_fn=_die_with_parent,
-                )
+                self.processes[name] = start_player(self.config_path, name, log)
         try:
             self.wait_until_ready(timeout)
         except BaseException:

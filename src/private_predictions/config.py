@@ -1,5 +1,6 @@
 """The cluster configuration file: which host and port each of the three servers uses."""
 import json
+import socket
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,4 +41,36 @@ class ClusterConfig:
     def tfe_config(self):
         from ._tf import tfe
 
-        return tfe.RemoteConfig(OrderedDict((name, self.hosts[name]) for name in SERVER_NAMES))
+        return tfe.RemoteConfig(OrderedDict((name, self.hosts[name]) for name in SERVER_NAMES), job_name=TFE_JOB)
+
+    def connect_this_process(self) -> None:
+        """Make the three servers available to this process as TF devices.
+
+        This process joins the cluster as a task of its own, and the servers connect
+        back to it while running a model (parts of a traced function stay here). TF's
+        default (tf-encrypted's ``connect_servers``) gives this task the address
+        ``localhost:PORT``, which on another machine means that machine itself: with
+        servers on other hosts, every private prediction failed with "failed to
+        connect to all addresses". So the address given is the one the servers reach us at.
+        """
+        from ._tf import tf
+
+        own_address = address_towards(*self.address(SERVER_NAMES[0]))
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            free_port = probe.getsockname()[1]
+        cluster = tf.train.ClusterSpec({
+            TFE_JOB: [self.hosts[name] for name in SERVER_NAMES],
+            LOCAL_JOB: [f"{own_address}:{free_port}"],
+        })
+        tf.config.experimental_connect_to_cluster(cluster, job_name=LOCAL_JOB)
+
+
+TFE_JOB, LOCAL_JOB = "tfe", "localhost"  # the names tf-encrypted's device names use
+
+
+def address_towards(host: str, port: int) -> str:
+    """This machine's IP address on the route to ``host`` (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, port))
+        return probe.getsockname()[0]

@@ -80,7 +80,7 @@ class ClientQueues:
         self.outputs = [SharedQueue(d, f"{prefix}/out-{i}") for i, d in enumerate(devices)]
 
 
-def wait_until(condition, timeout: float, message: str) -> None:
+def wait_until(condition, timeout: float, message: str, max_pause: float = MAX_POLL_PAUSE) -> None:
     """Poll ``condition`` with a growing pause; raise TimeoutError(message) after ``timeout`` s.
 
     Queue ops cannot time out in eager TensorFlow, so every wait here polls sizes
@@ -92,7 +92,7 @@ def wait_until(condition, timeout: float, message: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(message)
         time.sleep(pause)
-        pause = min(pause * 2, MAX_POLL_PAUSE)
+        pause = min(pause * 2, max_pause)
 
 
 def has_items(queue: SharedQueue) -> bool:

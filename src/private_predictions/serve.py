@@ -8,9 +8,9 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Tuple
+from typing import Sequence, Tuple
 
-from .config import ClusterConfig
+from .cluster import wait_for_servers
 from .model import load_logits_model
 from .serving import connect, share_model
 
@@ -23,7 +23,7 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for each request")
     args = parser.parse_args(argv)
     model = load_logits_model()
-    protocol = connect(ClusterConfig.load(args.config))
+    protocol = connect(wait_for_servers(args.config, args.timeout))
     start = time.perf_counter()
     secure_model = share_model(model, protocol)
     print(f"{READY} (model shared in {time.perf_counter() - start:.2f} s)", flush=True)
@@ -40,12 +40,14 @@ def main(argv=None) -> None:
 READY = "serving"
 
 
-def start_serving_process(config_path, timeout: float = 120.0) -> Tuple[subprocess.Popen, float]:
+def start_serving_process(config_path, timeout: float = 120.0,
+                          launcher: Sequence[str] = ()) -> Tuple[subprocess.Popen, float]:
     """Run this module in a child process; return it, and the seconds it took to share the model.
 
     Waits at most ``timeout`` s for the child to say it is serving, and kills it otherwise.
+    ``launcher`` runs it elsewhere, as in :func:`private_predictions.cluster.start_player`.
     """
-    process = subprocess.Popen([sys.executable, "-m", __name__, str(config_path)],
+    process = subprocess.Popen([*launcher, sys.executable, "-m", __name__, str(config_path)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline, seen = time.monotonic() + timeout, []
     with selectors.DefaultSelector() as selector:

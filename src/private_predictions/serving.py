@@ -28,9 +28,8 @@ FIXED_POINT = FixedpointConfig(
 
 def connect(config: ClusterConfig):
     """Point TF Encrypted at the cluster's three servers and return SecureNN over them."""
-    tfe_config = config.tfe_config()
-    tfe.set_config(tfe_config)
-    tfe_config.connect_servers()
+    tfe.set_config(config.tfe_config())
+    config.connect_this_process()
     protocol = tfe.protocol.SecureNN(fixedpoint_config=FIXED_POINT)
     tfe.set_protocol(protocol)
     return protocol
