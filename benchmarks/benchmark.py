@@ -67,7 +67,7 @@ def main(argv=None):
                            "cpus": len(__import__("os").sched_getaffinity(0))}}
 
     with LocalCluster.start(base_port=find_free_base_port(), config_path=output / "cluster.json") as cluster:
-        serving, results["secure_model_seconds"] = start_serving_process(cluster.config_path)
+        serving, results["secure_model_seconds"], _, _ = start_serving_process(cluster.config_path)
         try:
             client = PrivateClient.connect(cluster.config_path, timeout=60)
             steps = len(BATCH_SIZES) + args.latency_queries + len(BATCH_SIZES) * args.throughput_queries

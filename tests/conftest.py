@@ -15,11 +15,6 @@ def cluster(tmp_path_factory):
         yield running
 
 
-def start_serving(config_path) -> subprocess.Popen:
-    """Share the trained model on the cluster and serve it forever, from a process of its own."""
-    return start_serving_process(config_path)[0]
-
-
 def stop(process: subprocess.Popen) -> None:
     process.kill()
     process.wait(10)
@@ -27,23 +22,32 @@ def stop(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def serving(cluster):
-    process = start_serving(cluster.config_path)
-    yield process
-    stop(process)
+    """The trained model, shared on the cluster and served by a process of its own."""
+    serving = start_serving_process(cluster.config_path)
+    yield serving
+    serving.stop()
 
 
 @pytest.fixture
 def own_deployment(tmp_path):
-    """Servers, a serving process and a client of the test's own, for tests that break them."""
-    with LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "c.json") as cluster:
-        deployment = SimpleNamespace(cluster=cluster, serving=start_serving(cluster.config_path))
-        try:
-            deployment.client = PrivateClient.connect(cluster.config_path, timeout=30)
-            yield deployment
-        finally:
-            stop(deployment.serving)
+    """Servers, a serving process and a client of the test's own, for tests that break them.
+
+    A test may replace ``cluster`` and ``serving``; whatever they are at the end is stopped.
+    """
+    deployment = SimpleNamespace(serving=None)
+    deployment.cluster = LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "c.json")
+    try:
+        deployment.serving = start_serving_process(deployment.cluster.config_path)
+        deployment.client = PrivateClient.connect(deployment.cluster.config_path, timeout=30)
+        yield deployment
+    finally:
+        if deployment.serving is not None:
+            deployment.serving.stop()
+        deployment.cluster.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def client(serving, cluster):
+    # Connecting again for every test costs milliseconds, and keeps this process's
+    # connection right even after a test has connected it to a cluster of its own.
     return PrivateClient.connect(cluster.config_path, timeout=30)

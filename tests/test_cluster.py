@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from private_predictions import ClusterError, LocalCluster, PrivateClient
-from private_predictions.cluster import find_free_base_port
+from private_predictions.cluster import find_free_base_port, player_command, port_is_open
 from private_predictions.config import ClusterConfig
 
 
@@ -52,6 +52,48 @@ def test_busy_port_is_named_with_its_process(tmp_path):
         squatter.listen()
         with pytest.raises(ClusterError, match=rf"port {base + 1} is in use by process {os.getpid()}"):
             LocalCluster.start(base_port=base, config_path=tmp_path / "c.json")
+
+
+def start_lone_server0(config_path, started_by):
+    """server0 as LocalCluster would start it on behalf of ``started_by``, but with no link to it."""
+    server = subprocess.Popen(player_command(config_path, "server0", started_by=started_by),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not port_is_open(*ClusterConfig.load(config_path).address("server0")):
+        assert server.poll() is None and time.monotonic() < deadline, "server0 did not start"
+        time.sleep(0.1)
+    return server
+
+
+def test_a_server_of_ours_left_from_an_earlier_run_is_replaced(tmp_path):
+    config_path, base = tmp_path / "c.json", find_free_base_port()
+    ClusterConfig.local(base).save(config_path)
+    earlier_run = subprocess.Popen(["true"])
+    earlier_run.wait()
+    leftover = start_lone_server0(config_path, started_by=earlier_run.pid)
+    try:
+        with LocalCluster.start(base_port=base, config_path=config_path) as cluster:
+            assert leftover.wait(15) is not None
+            assert cluster.pids["server0"] != leftover.pid and all(cluster.alive().values())
+    finally:
+        leftover.kill()
+        leftover.wait(10)
+
+
+def test_a_server_of_another_running_cluster_is_left_alone(tmp_path):
+    config_path, base = tmp_path / "c.json", find_free_base_port()
+    ClusterConfig.local(base).save(config_path)
+    other_kernel = subprocess.Popen(["sleep", "120"])
+    server = start_lone_server0(config_path, started_by=other_kernel.pid)
+    try:
+        with pytest.raises(ClusterError, match=rf"held by server0 of a cluster that process {other_kernel.pid} "
+                                               r"\(sleep 120\) started and still runs"):
+            LocalCluster.start(base_port=base, config_path=config_path)
+        assert server.poll() is None
+    finally:
+        for process in (server, other_kernel):
+            process.kill()
+            process.wait(10)
 
 
 def test_unreachable_servers_fail_fast(tmp_path):

@@ -7,9 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from conftest import start_serving, stop
-from private_predictions import PrivateClient, load_logits_model, load_mnist
-from private_predictions.client import ServerUnreachableError, ServingStoppedError
+from private_predictions import LocalCluster, PrivateClient, load_logits_model, load_mnist
+from private_predictions.client import ServingStoppedError
+from private_predictions.serve import start_serving_process
+from private_predictions.cluster import ServerUnreachableError
 
 CLIENTS, QUERIES = 4, 25
 
@@ -61,26 +62,40 @@ def test_refuses_to_run_without_secure_randomness():
     assert "secure-randomness op did not load" in result.stderr
 
 
-def test_a_killed_server_gives_the_client_a_clear_error_quickly(own_deployment, test_images):
-    client = own_deployment.client
+def test_a_killed_server_stops_client_and_serving_side_clearly_and_a_restart_serves_again(
+        own_deployment, test_images):
+    client, cluster = own_deployment.client, own_deployment.cluster
     client.predict_logits(test_images[:1])
-    own_deployment.cluster.processes["server2"].kill()
+    cluster.processes["server2"].kill()
     start = time.monotonic()
     with pytest.raises(ServerUnreachableError, match="server2"):
         client.predict_logits(test_images[:1], timeout=60)
     assert time.monotonic() - start < 15
+    # The serving side stops too, saying why, rather than wait for queries it cannot answer.
+    assert own_deployment.serving.wait(15) != 0
+    assert "serving stopped: server2" in "".join(own_deployment.serving.output)
+
+    # Starting again on the same ports replaces server0 and server1, still running from
+    # the first start; this same process then connects again and is answered.
+    own_deployment.cluster = LocalCluster.start(base_port=cluster.config.address("server0")[1],
+                                                config_path=cluster.config_path)
+    assert not any(cluster.alive().values())
+    own_deployment.serving = start_serving_process(cluster.config_path)
+    client = PrivateClient.connect(cluster.config_path, timeout=30)
+    again = client.predict_logits(test_images[1:2], timeout=60)
+    assert again.argmax() == load_logits_model()(test_images[1:2]).numpy().argmax()
 
 
 def test_a_killed_serving_side_gives_a_clear_error_and_a_restart_serves_again(own_deployment, test_images):
     client = own_deployment.client
     client.predict_logits(test_images[:1])
-    stop(own_deployment.serving)
+    own_deployment.serving.stop()
     start = time.monotonic()
     with pytest.raises(ServingStoppedError, match="02_secure_serving"):
         client.predict_logits(test_images[:1], timeout=60)
     assert time.monotonic() - start < 15
 
-    own_deployment.serving = start_serving(own_deployment.cluster.config_path)
+    own_deployment.serving = start_serving_process(own_deployment.cluster.config_path)
     # The restarted side may still answer the failed query; that answer must not be
     # taken for this one, so ask about a different image.
     again = client.predict_logits(test_images[1:2], timeout=60)

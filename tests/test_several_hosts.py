@@ -45,7 +45,7 @@ def servers(network, tmp_path):
 
 def test_a_private_prediction_across_three_hosts(network, servers):
     config_path = servers
-    serving, _ = start_serving_process(config_path, launcher=network.launcher("owner"))
+    serving = start_serving_process(config_path, launcher=network.launcher("owner"))
     try:
         traffic_before = {name: network.bytes_through(name) for name in SERVER_NAMES}
         query = subprocess.run(
@@ -53,7 +53,7 @@ def test_a_private_prediction_across_three_hosts(network, servers):
              "--first", str(FIRST), "--count", str(COUNT), "--timeout", "50"],
             capture_output=True, text=True, timeout=55)
     finally:
-        stop(serving)
+        serving.stop()
     assert query.returncode == 0, query.stderr[-2000:]
 
     answers = [json.loads(line) for line in query.stdout.splitlines()]

@@ -6,14 +6,13 @@ two output shares instead and adds them up on its own device only.
 """
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from ._tf import tf
-from .cluster import port_is_open, wait_for_servers
-from .config import SERVER_NAMES, ClusterConfig
+from .cluster import ServerWatch, wait_for_servers
+from .config import ClusterConfig
 from .data import IMAGE_SHAPE
 from .paths import CLUSTER_CONFIG_PATH
 from .queues import ClientQueues, has_items, heartbeat_queue, request_queue, wait_until
@@ -21,10 +20,8 @@ from .serving import MAX_BATCH_SIZE, connect
 
 LOCAL_DEVICE = "/job:localhost/replica:0/task:0/device:CPU:0"
 SERVING_SILENCE = 5.0
-
-
-class ServerUnreachableError(ConnectionError):
-    """A server stopped answering in the middle of a query."""
+RECONNECT_ADVICE = ("This query cannot finish. Once the servers run again (notebook 02), connect "
+                    "again with PrivateClient.connect(): connecting works in the same kernel.")
 
 
 class ServingStoppedError(RuntimeError):
@@ -81,6 +78,7 @@ class PrivateClient:
         self.requests = request_queue(protocol)
         self.heartbeat = heartbeat_queue(protocol)
         self._beat_size, self._beat_seen, self._beat_changed_at = None, False, 0.0
+        self.servers = ServerWatch(config, RECONNECT_ADVICE)
 
     @classmethod
     def connect(cls, config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 120.0):
@@ -113,20 +111,11 @@ class PrivateClient:
 
     def send(self, images: np.ndarray) -> None:
         share0, share1 = self.share(validate_images(images))
-        with self._servers_needed():
+        with self.servers.explaining_failures():
             self.queues.inputs[0].enqueue(share0)
             self.queues.inputs[1].enqueue(share1)
             # The id goes last: when the serving side reads it, both shares are waiting.
             self.requests.enqueue(tf.constant(self.queues.client_id))
-
-    def check_servers(self) -> None:
-        """Raise ServerUnreachableError naming the first server whose port is closed."""
-        for name in SERVER_NAMES:
-            if not port_is_open(*self.config.address(name)):
-                raise ServerUnreachableError(
-                    f"{name} ({self.config.hosts[name]}) is not answering, so this query cannot "
-                    "finish. Restart the servers (notebook 02), then connect a new client."
-                )
 
     def check_serving(self) -> None:
         """Raise ServingStoppedError if a heartbeat seen before has not moved for SERVING_SILENCE s."""
@@ -138,30 +127,17 @@ class PrivateClient:
         if self._beat_seen and now - self._beat_changed_at > SERVING_SILENCE:
             raise ServingStoppedError(
                 f"The serving side stopped: no heartbeat for {SERVING_SILENCE:.0f} s. Run "
-                "notebooks/02_secure_serving.ipynb again, then connect a new client.")
+                "notebooks/02_secure_serving.ipynb again, then send the query again.")
 
     def _answer_ready(self) -> bool:
-        # A dead server2 or serving process would otherwise go unnoticed here: the shares
-        # wait on server0 and server1, which are still up. Checking costs a few ms, so
-        # it happens twice a second.
-        now = time.monotonic()
-        if now - self._last_check > 0.5:
-            self._last_check = now
-            self.check_servers()
+        # A dead serving process would otherwise go unnoticed here, like a dead server2.
+        if self.servers.check_if_due():
             self.check_serving()
         return all(has_items(q) for q in self.queues.outputs)
 
-    @contextmanager
-    def _servers_needed(self):
-        try:
-            yield
-        except tf.errors.UnavailableError as error:
-            self.check_servers()
-            raise ServerUnreachableError(f"lost the connection to the servers: {error.message}") from error
-
     def receive(self, timeout: float = 120.0) -> np.ndarray:
-        self._last_check = self._beat_changed_at = time.monotonic()
-        with self._servers_needed():
+        self._beat_changed_at = time.monotonic()
+        with self.servers.explaining_failures():
             wait_until(self._answer_ready, timeout,
                        f"No answer from the served model within {timeout:.0f} s. Is "
                        "notebooks/02_secure_serving.ipynb serving requests?")

@@ -1,23 +1,78 @@
 """Start, watch and stop the three TF Encrypted servers on this machine."""
 import ctypes
+import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import psutil
 
 from .config import SERVER_NAMES, ClusterConfig
 from .paths import CLUSTER_CONFIG_PATH
+from ._tf import tf
 from .queues import wait_until
 
 
 class ClusterError(RuntimeError):
     """A server could not be started, or is not answering."""
+
+
+class ServerUnreachableError(ConnectionError):
+    """A server stopped answering: what it held (shares, queues) is lost."""
+
+
+class ServerWatch:
+    """Notices a dead server within ``interval`` s, for loops that otherwise only talk to some.
+
+    A query or a wait for requests touches server0 and server1 only: without this, a
+    dead server2 would go unnoticed until the next computation. A check costs a few
+    ms (one connection per server), so it runs at most every ``interval`` s.
+    """
+
+    def __init__(self, config: ClusterConfig, advice: str, interval: float = 0.5):
+        self.config, self.advice, self.interval = config, advice, interval
+        self._last_check = time.monotonic()
+
+    def dead_server(self) -> Optional[str]:
+        for name in SERVER_NAMES:
+            if not port_is_open(*self.config.address(name)):
+                return name
+        return None
+
+    def check(self) -> None:
+        """Raise ServerUnreachableError naming the first server whose port is closed."""
+        self._last_check = time.monotonic()
+        dead = self.dead_server()
+        if dead is not None:
+            raise self._error(dead)
+
+    def _error(self, name: str) -> ServerUnreachableError:
+        return ServerUnreachableError(f"{name} ({self.config.hosts[name]}) is not answering. {self.advice}")
+
+    @contextmanager
+    def explaining_failures(self):
+        """Turn a TF error that a dead server caused into a ServerUnreachableError naming it."""
+        try:
+            yield
+        except tf.errors.OpError:
+            dead = self.dead_server()
+            if dead is None:
+                raise
+            # The gRPC details of the failed call say nothing the name does not.
+            raise self._error(dead) from None
+
+    def check_if_due(self) -> bool:
+        """Check if the last check is ``interval`` s old; return whether it checked."""
+        if time.monotonic() - self._last_check <= self.interval:
+            return False
+        self.check()
+        return True
 
 
 def _die_with_parent():
@@ -91,15 +146,56 @@ def wait_for_servers(config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 1
     return config
 
 
-def start_player(config_path: Path, name: str, log, launcher: Sequence[str] = ()) -> subprocess.Popen:
-    """Start one server process, ``launcher`` + ``python -m private_predictions.player CONFIG NAME``.
+PLAYER_MODULE = "private_predictions.player"
+STARTED_BY = "--started-by"
 
-    ``launcher`` runs it elsewhere, e.g. ``ip netns exec NAMESPACE`` in the several-hosts test.
+
+def player_command(config_path: Path, name: str, started_by: Optional[int] = None) -> List[str]:
+    command = [sys.executable, "-m", PLAYER_MODULE, str(config_path), name]
+    return command if started_by is None else command + [STARTED_BY, str(started_by)]
+
+
+def start_player(config_path: Path, name: str, log, launcher: Sequence[str] = (),
+                 started_by: Optional[int] = None) -> subprocess.Popen:
+    """Start one server process: ``launcher`` + ``python -m private_predictions.player CONFIG NAME``.
+
+    ``launcher`` runs it elsewhere, e.g. ``ip netns exec NAMESPACE`` in the several-hosts test;
+    ``started_by`` (LocalCluster's process id) lets a later start recognise it if it is abandoned.
     """
     return subprocess.Popen(
-        [*launcher, sys.executable, "-m", "private_predictions.player", str(config_path), name],
+        [*launcher, *player_command(config_path, name, started_by)],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
     )
+
+
+def _starter_of_our_server(holder: psutil.Process, config_path: Path, name: str) -> Optional[int]:
+    """If ``holder`` is ``name`` of a LocalCluster on ``config_path`` run by this user, who started it."""
+    try:
+        command, cwd, user = holder.cmdline(), Path(holder.cwd()), holder.username()
+    except (psutil.AccessDenied, psutil.NoSuchProcess):
+        return None
+    if user != psutil.Process().username() or len(command) != 7 or command[1:3] != ["-m", PLAYER_MODULE]:
+        return None
+    if (cwd / command[3]).resolve() != config_path.resolve() or command[4:6] != [name, STARTED_BY]:
+        return None
+    return int(command[6]) if command[6].isdigit() else None
+
+
+def _still_running(starter: int, holder: psutil.Process) -> bool:
+    """Whether the process that started ``holder`` lives (a newer one may have its id)."""
+    try:
+        return psutil.Process(starter).create_time() <= holder.create_time()
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _terminate(process: psutil.Process, timeout: float = 10.0) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except psutil.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
 
 
 class LocalCluster:
@@ -126,20 +222,49 @@ class LocalCluster:
         cluster._launch(timeout)
         return cluster
 
-    def _launch(self, timeout: float) -> None:
+    def _clear_ports(self) -> None:
+        """Stop servers of ours that nobody can use any more; refuse to touch anything else.
+
+        Ours and abandoned: a server that a LocalCluster started for this same
+        configuration file, either from this process (the start cell run again) or from
+        one that has exited (whatever kept the server alive, nothing can serve through it:
+        the model's shares lived in the process that is gone). Such a server is replaced
+        rather than reused: its queues may still hold requests and answers from that
+        earlier run, and it would not die with this process.
+        """
         for name in SERVER_NAMES:
             host, port = self.config.address(name)
-            if port_is_open(host, port):
+            if not port_is_open(host, port):
+                continue
+            try:
+                holder = who_listens_on(port)
+            except psutil.AccessDenied:
+                holder = None
+            starter = holder and _starter_of_our_server(holder, self.config_path, name)
+            if starter and (starter == os.getpid() or not _still_running(starter, holder)):
+                print(f"Stopping {name} (process {holder.pid}), left over from an earlier start.")
+                _terminate(holder)
+            elif starter:
+                raise ClusterError(
+                    f"Cannot start {name}: port {port} is held by {name} of a cluster that process "
+                    f"{starter} ({' '.join(psutil.Process(starter).cmdline())[:120]}) started and still "
+                    "runs. Stop it there (cluster.stop(), or restart that notebook's kernel), or start "
+                    "this cluster on other ports with LocalCluster.start(base_port=...)."
+                )
+            else:
                 raise ClusterError(
                     f"Cannot start {name}: {describe_port_holder(port)}. Stop that process, "
                     "or start the cluster on other ports with LocalCluster.start(base_port=...)."
                 )
+
+    def _launch(self, timeout: float) -> None:
+        self._clear_ports()
         self.config.save(self.config_path)
         log_dir = Path(tempfile.mkdtemp(prefix="private-predictions-"))
         for name in SERVER_NAMES:
             self._logs[name] = log_dir / f"{name}.log"
             with open(self._logs[name], "wb") as log:
-                self.processes[name] = start_player(self.config_path, name, log)
+                self.processes[name] = start_player(self.config_path, name, log, started_by=os.getpid())
         try:
             self.wait_until_ready(timeout)
         except BaseException:

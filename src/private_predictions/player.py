@@ -14,6 +14,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("config", help="cluster configuration file (JSON)")
     parser.add_argument("name", help="which server to run: server0, server1 or server2")
+    parser.add_argument("--started-by", type=int, metavar="PID",
+                        help="set by LocalCluster: lets a later start tell an abandoned server of ours")
     args = parser.parse_args(argv)
     config = ClusterConfig.load(args.config)
     if args.name not in config.hosts:

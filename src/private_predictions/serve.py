@@ -8,9 +8,9 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Sequence, Tuple
+from typing import List, NamedTuple, Sequence
 
-from .cluster import wait_for_servers
+from .cluster import ServerUnreachableError, wait_for_servers
 from .model import load_logits_model
 from .serving import connect, share_model
 
@@ -27,22 +27,43 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     secure_model = share_model(model, protocol)
     print(f"{READY} (model shared in {time.perf_counter() - start:.2f} s)", flush=True)
-    if args.requests is None:
-        while True:  # until interrupted: a quiet hour is no reason to stop
-            try:
-                secure_model.serve_one(args.timeout)
-            except TimeoutError:
-                continue
-    else:
-        secure_model.serve(args.requests, args.timeout, report=lambda line: print(line, flush=True))
+    try:
+        if args.requests is None:
+            while True:  # until interrupted: a quiet hour is no reason to stop
+                try:
+                    secure_model.serve_one(args.timeout)
+                except TimeoutError:
+                    continue
+        else:
+            secure_model.serve(args.requests, args.timeout, report=lambda line: print(line, flush=True))
+    except ServerUnreachableError as error:
+        sys.exit(f"{STOPPED}: {error}")
 
 
 READY = "serving"
+STOPPED = "serving stopped"
+
+
+class ServingProcess(NamedTuple):
+    process: subprocess.Popen
+    share_seconds: float  # how long securing the model took
+    output: List[str]  # what it has printed so far, kept up to date
+    reader: threading.Thread
+
+    def wait(self, timeout: float) -> int:
+        """Wait until it has exited and all it printed is in ``output``; return its exit code."""
+        code = self.process.wait(timeout)
+        self.reader.join(timeout)
+        return code
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.wait(10)
 
 
 def start_serving_process(config_path, timeout: float = 120.0,
-                          launcher: Sequence[str] = ()) -> Tuple[subprocess.Popen, float]:
-    """Run this module in a child process; return it, and the seconds it took to share the model.
+                          launcher: Sequence[str] = ()) -> ServingProcess:
+    """Run this module in a child process, sharing the model and serving it until stopped.
 
     Waits at most ``timeout`` s for the child to say it is serving, and kills it otherwise.
     ``launcher`` runs it elsewhere, as in :func:`private_predictions.cluster.start_player`.
@@ -58,15 +79,21 @@ def start_serving_process(config_path, timeout: float = 120.0,
             line = process.stdout.readline()
             if not line:
                 break
+            seen.append(line)
             if line.startswith(READY):
                 # Keep reading its output, so the child can never block on a full pipe.
-                threading.Thread(target=process.stdout.read, daemon=True).start()
-                return process, float(line.split("model shared in ")[1].split()[0])
-            seen.append(line)
+                reader = threading.Thread(target=_keep_reading, args=(process.stdout, seen), daemon=True)
+                reader.start()
+                return ServingProcess(process, float(line.split("model shared in ")[1].split()[0]), seen, reader)
     process.kill()
     process.wait(10)
     raise RuntimeError(f"the serving process did not start within {timeout:.0f} s; "
                        f"its output was:\n{''.join(seen)}")
+
+
+def _keep_reading(stream, lines: List[str]) -> None:
+    for line in stream:
+        lines.append(line)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from typing import Callable, Dict, Optional
 from ._tf import tf, tfe
 from tf_encrypted.tensor.fixed import FixedpointConfig
 
+from .cluster import ServerWatch
 from .config import ClusterConfig
 from .queues import (HEARTBEAT_INTERVAL, ClientQueues, has_items, heartbeat_queue,
                      request_queue, wait_until)
@@ -15,6 +16,8 @@ MAX_BATCH_SIZE = 128
 # at most four times (tracing SecureNN takes seconds), whatever sizes clients send.
 BATCH_BUCKETS = (1, 8, 32, MAX_BATCH_SIZE)
 INPUT_GRACE_SECONDS = 5.0
+RESTART_ADVICE = ("Serving cannot go on: the servers' state, the model's shares included, is lost. "
+                  "Start the servers and share the model again (notebook 02 from the top).")
 # Numbers are encoded as round(x * 3^10) in 64-bit integers: 9 times finer than tf-encrypted's
 # default 3^8, which left logit errors of 0.05. The price is a smaller integer part, |x| <
 # 3^5 = 243; the largest value inside this network on 30,000 MNIST images is 33. (Base 3
@@ -43,6 +46,7 @@ class SecureModel:
         self.private_model = private_model
         self._clients: Dict[str, ClientQueues] = {}
         self._requests = request_queue(protocol)
+        self.servers = ServerWatch(ClusterConfig(dict(tfe.get_config().hostmap)), RESTART_ADVICE)
         self._predict_on_shares = tf.function(self._predict_on_shares_eagerly)
         self._stopped = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, args=(heartbeat_queue(protocol),),
@@ -86,8 +90,20 @@ class SecureModel:
         return self._clients[client_id]
 
     def serve_one(self, timeout: float = 120.0) -> int:
-        """Wait for one request, answer it on the shares, and return its batch size."""
-        wait_until(lambda: has_items(self._requests), timeout,
+        """Wait for one request, answer it on the shares, and return its batch size.
+
+        Raises ServerUnreachableError, naming the server, as soon as one is gone.
+        """
+        with self.servers.explaining_failures():
+            return self._serve_one(timeout)
+
+    def _request_waiting(self) -> bool:
+        # Waiting touches server0 only: a dead server1 or server2 must not go unnoticed.
+        self.servers.check_if_due()
+        return has_items(self._requests)
+
+    def _serve_one(self, timeout: float) -> int:
+        wait_until(self._request_waiting, timeout,
                    f"No private query arrived within {timeout:.0f} s. Run the client "
                    "(notebooks/03_private_prediction.ipynb) while this one serves.")
         client_id = self._requests.dequeue().numpy().decode()
@@ -140,7 +156,8 @@ class SecureModel:
                 images = "image" if batch == 1 else "images"
                 report(f"Request {number}/{num_requests}: answered a private batch of {batch} {images}")
         try:
-            wait_until(self._all_results_collected, timeout, "")
+            with self.servers.explaining_failures():
+                wait_until(self._all_results_collected, timeout, "")
         except TimeoutError:
             report(f"Some results were not collected within {timeout:.0f} s: their clients are gone.")
 
