@@ -3,7 +3,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import psutil
@@ -28,21 +27,29 @@ def test_stop_leaves_no_process(tmp_path):
     assert not (tmp_path / "c.json").exists()
 
 
-def test_servers_die_with_their_owner(tmp_path):
-    owner = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys; from private_predictions import LocalCluster\n"
-         f"c = LocalCluster.start(base_port={find_free_base_port()}, config_path=sys.argv[1])\n"
-         "print(*c.pids.values(), flush=True)\n"
-         "sys.stdin.read()",
-         str(tmp_path / "c.json")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
-    pids = [int(p) for p in owner.stdout.readline().split()]
-    assert len(pids) == 3
-    owner.send_signal(signal.SIGKILL)
-    owner.wait(10)
-    assert wait_for_exit(pids, timeout=10) == []
+@pytest.mark.parametrize("end", ["restart", "kill"])
+def test_a_restarted_or_killed_notebook_kernel_leaves_no_server(tmp_path, end):
+    from jupyter_client.manager import start_new_kernel
+
+    manager, kernel = start_new_kernel(kernel_name="python3")
+    try:
+        printed = []
+        kernel.execute_interactive(
+            "from private_predictions import LocalCluster\n"
+            f"cluster = LocalCluster.start(base_port={find_free_base_port()}, config_path={str(tmp_path / 'c.json')!r})\n"
+            "print(*cluster.pids.values())",
+            timeout=60,
+            output_hook=lambda message: printed.append(message["content"].get("text", "")))
+        pids = [int(pid) for pid in "".join(printed).split()]
+        assert len(pids) == 3 and all(psutil.pid_exists(pid) for pid in pids)
+        if end == "restart":
+            manager.restart_kernel(now=False)  # what Jupyter's "Restart kernel" does
+        else:  # a crash, or the out-of-memory killer
+            os.kill(manager.provisioner.pid, signal.SIGKILL)
+        assert wait_for_exit(pids, timeout=15) == []
+    finally:
+        kernel.stop_channels()
+        manager.shutdown_kernel(now=True)
 
 
 def test_busy_port_is_named_with_its_process(tmp_path):

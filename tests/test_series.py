@@ -1,3 +1,5 @@
+import json
+import re
 from pathlib import Path
 
 from private_predictions.data import DatasetError, load_mnist
@@ -26,3 +28,15 @@ def test_damaged_mnist_is_refused(tmp_path):
         assert "SHA-256" in str(error)
     else:
         raise AssertionError("a damaged file was accepted")
+
+
+def test_committed_notebooks_are_fit_to_publish():
+    for path in sorted(Path(NOTEBOOK_DIR).glob("*.ipynb")):
+        text = path.read_text()
+        notebook = json.loads(text)
+        assert notebook["metadata"]["kernelspec"]["name"] == "python3", path.name
+        assert all(cell["execution_count"] for cell in notebook["cells"] if cell["cell_type"] == "code"), \
+            f"{path.name}: a code cell was not executed; run `python -m private_predictions.series notebooks`"
+        # Readers see the notebook as committed: no run's timestamps, no one's home or work folders.
+        assert not re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d", text), f"{path.name} has timestamps"
+        assert not re.search(r"/(home|root|work|tmp|Users)/", text), f"{path.name} has a local path"

@@ -43,7 +43,7 @@ def servers(network, tmp_path):
                 stop(process)
 
 
-def test_a_private_prediction_across_three_hosts(network, servers):
+def test_a_private_prediction_with_each_party_on_a_host_of_its_own(network, servers):
     config_path = servers
     serving = start_serving_process(config_path, launcher=network.launcher("owner"))
     try:

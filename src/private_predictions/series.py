@@ -25,7 +25,10 @@ def execute_notebook(name: str, output_dir: Path, timeout: int = 600) -> Path:
     from nbclient import NotebookClient
 
     notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
-    NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+    # No timing metadata: committed notebooks carry no timestamps.
+    for cell in notebook.cells:
+        cell.metadata.pop("execution", None)
+    NotebookClient(notebook, timeout=timeout, kernel_name="python3", record_timing=False,
                    resources={"metadata": {"path": str(NOTEBOOK_DIR)}}).execute()
     output = output_dir / name
     nbformat.write(notebook, output)
