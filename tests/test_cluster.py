@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from private_predictions import ClusterError, LocalCluster, PrivateClient
+from private_predictions import ClusterError, LocalCluster, PrivateClient, RemoteCluster
 from private_predictions.cluster import find_free_base_port, player_command, port_is_open
 from private_predictions.config import ClusterConfig
 
@@ -109,6 +109,17 @@ def test_unreachable_servers_fail_fast(tmp_path):
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="not answering"):
         PrivateClient.connect(config_path, timeout=3)
+    assert time.monotonic() - start < 10
+
+
+def test_joining_servers_on_other_machines_fails_fast_and_says_how_to_start_them(tmp_path):
+    config_path = tmp_path / "c.json"
+    with pytest.raises(FileNotFoundError, match="naming the three servers"):
+        RemoteCluster.join(config_path)
+    ClusterConfig.local(find_free_base_port()).save(config_path)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="python -m private_predictions.player"):
+        RemoteCluster.join(config_path, timeout=2)
     assert time.monotonic() - start < 10
 
 

@@ -127,8 +127,15 @@ def describe_port_holder(port: int) -> str:
     return f"port {port} is in use by process {holder.pid} ({' '.join(holder.cmdline())[:120]})"
 
 
-def wait_for_servers(config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 120.0) -> ClusterConfig:
-    """Wait until the serving side has written its configuration and all servers listen."""
+START_WITH_NOTEBOOK_02 = "Start them with notebooks/02_secure_serving.ipynb."
+START_ON_EACH_MACHINE = ("Start each on its machine with `python -m private_predictions.player CONFIG NAME` "
+                         "(README: Running the servers on several machines), and check that no firewall "
+                         "blocks the ports.")
+
+
+def wait_for_servers(config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 120.0,
+                     how_to_start: str = START_WITH_NOTEBOOK_02) -> ClusterConfig:
+    """Wait until ``config_path`` exists and every server it names accepts connections."""
     config_path = Path(config_path)
     # Servers take seconds to start: checking ten times a second leaves the CPU to them.
     wait_until(config_path.exists, timeout,
@@ -141,7 +148,7 @@ def wait_for_servers(config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 1
 
     wait_until(all_listening, timeout,
                f"The servers in {config_path} ({', '.join(config.hosts.values())}) are not "
-               f"answering after {timeout:.0f} s. Start them with notebooks/02_secure_serving.ipynb.",
+               f"answering after {timeout:.0f} s. {how_to_start}",
                max_pause=0.1)
     return config
 
@@ -328,3 +335,31 @@ class LocalCluster:
             for name, p in self.processes.items()
         )
         return f"LocalCluster({state})"
+
+
+class RemoteCluster:
+    """Three servers that run on other machines, each started there with the player command.
+
+    Offers what notebook 02 uses of :class:`LocalCluster`, for a model owner whose servers
+    are elsewhere; it starts and stops nothing.
+    """
+
+    def __init__(self, config: ClusterConfig, config_path: Path):
+        self.config, self.config_path = config, Path(config_path)
+
+    @classmethod
+    def join(cls, config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 60.0) -> "RemoteCluster":
+        """Wait up to ``timeout`` s until every server named in ``config_path`` accepts connections."""
+        if not Path(config_path).exists():
+            raise FileNotFoundError(f"No cluster configuration at {config_path}: write one naming the three "
+                                    "servers (README: Running the servers on several machines).")
+        return cls(wait_for_servers(config_path, timeout, START_ON_EACH_MACHINE), config_path)
+
+    def alive(self) -> Dict[str, bool]:
+        return {name: port_is_open(*self.config.address(name)) for name in SERVER_NAMES}
+
+    def stop(self) -> None:
+        """Nothing to stop from here: the servers belong to their machines (stop them there)."""
+
+    def __repr__(self):
+        return "RemoteCluster(" + ", ".join(f"{n}={a}" for n, a in self.config.hosts.items()) + ")"

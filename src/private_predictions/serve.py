@@ -10,7 +10,7 @@ import threading
 import time
 from typing import List, NamedTuple, Sequence
 
-from .cluster import ServerUnreachableError, wait_for_servers
+from .cluster import RemoteCluster, ServerUnreachableError
 from .model import load_logits_model
 from .serving import connect, share_model
 
@@ -23,7 +23,7 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for each request")
     args = parser.parse_args(argv)
     model = load_logits_model()
-    protocol = connect(wait_for_servers(args.config, args.timeout))
+    protocol = connect(RemoteCluster.join(args.config, args.timeout).config)
     start = time.perf_counter()
     secure_model = share_model(model, protocol)
     print(f"{READY} (model shared in {time.perf_counter() - start:.2f} s)", flush=True)
