@@ -10,7 +10,7 @@ import pytest
 
 from private_predictions import ClusterError, LocalCluster, PrivateClient, RemoteCluster
 from private_predictions.cluster import find_free_base_port, player_command, port_is_open
-from private_predictions.config import ClusterConfig
+from private_predictions.config import SERVER_NAMES, ClusterConfig
 
 
 def wait_for_exit(pids, timeout):
@@ -101,6 +101,15 @@ def test_a_server_of_another_running_cluster_is_left_alone(tmp_path):
         for process in (server, other_kernel):
             process.kill()
             process.wait(10)
+
+
+def test_a_configuration_naming_other_machines_is_never_overwritten(tmp_path):
+    config_path = tmp_path / "cluster.json"
+    elsewhere = ClusterConfig({name: f"10.0.0.{10 + i}:4440" for i, name in enumerate(SERVER_NAMES)})
+    elsewhere.save(config_path)
+    with pytest.raises(ClusterError, match=r"names servers on other machines .*RemoteCluster.join\(\)"):
+        LocalCluster.start(base_port=find_free_base_port(), config_path=config_path)
+    assert ClusterConfig.load(config_path) == elsewhere
 
 
 def test_unreachable_servers_fail_fast(tmp_path):

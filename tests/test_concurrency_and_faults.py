@@ -2,15 +2,16 @@
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
-from private_predictions import LocalCluster, PrivateClient, load_logits_model, load_mnist
+from private_predictions import LocalCluster, PrivateClient, connect, load_logits_model, load_mnist, share_model
 from private_predictions.client import ServingStoppedError
+from private_predictions.cluster import ServerUnreachableError, find_free_base_port
 from private_predictions.serve import start_serving_process
-from private_predictions.cluster import ServerUnreachableError
 
 CLIENTS, QUERIES = 4, 25
 
@@ -100,6 +101,22 @@ def test_a_killed_serving_side_gives_a_clear_error_and_a_restart_serves_again(ow
     # taken for this one, so ask about a different image.
     again = client.predict_logits(test_images[1:2], timeout=60)
     assert again.argmax() == load_logits_model()(test_images[1:2]).numpy().argmax()
+
+
+def test_a_client_waiting_after_serving_has_ended_is_told_so(tmp_path, test_images):
+    # As in the notebooks: the model owner's kernel stays up after serve() has returned.
+    with LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "c.json") as cluster:
+        secure_model = share_model(load_logits_model(), connect(cluster.config))
+        client = PrivateClient(secure_model.protocol, cluster.config)
+        serving = threading.Thread(target=secure_model.serve, args=(1,), kwargs={"report": None})
+        serving.start()
+        client.predict_logits(test_images[:1], timeout=60)
+        serving.join(60)
+        start = time.monotonic()
+        with pytest.raises(ServingStoppedError, match="no heartbeat"):
+            client.predict_logits(test_images[1:2], timeout=60)
+        assert time.monotonic() - start < 15
+        secure_model.close()
 
 
 @pytest.fixture(scope="module")

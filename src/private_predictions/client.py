@@ -126,8 +126,9 @@ class PrivateClient:
         self._beat_size = size
         if self._beat_seen and now - self._beat_changed_at > SERVING_SILENCE:
             raise ServingStoppedError(
-                f"The serving side stopped: no heartbeat for {SERVING_SILENCE:.0f} s. Run "
-                "notebooks/02_secure_serving.ipynb again, then send the query again.")
+                f"The serving side stopped: no heartbeat for {SERVING_SILENCE:.0f} s. Serve again (the "
+                "serve cell of notebooks/02_secure_serving.ipynb, or the serve command), then send the "
+                "query again; after running notebook 02 from the top, call PrivateClient.connect() first.")
 
     def _answer_ready(self) -> bool:
         # A dead serving process would otherwise go unnoticed here, like a dead server2.

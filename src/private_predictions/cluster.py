@@ -153,6 +153,7 @@ def wait_for_servers(config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 1
     return config
 
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1")
 PLAYER_MODULE = "private_predictions.player"
 STARTED_BY = "--started-by"
 
@@ -264,7 +265,22 @@ class LocalCluster:
                     "or start the cluster on other ports with LocalCluster.start(base_port=...)."
                 )
 
+    def _refuse_to_overwrite_remote_config(self) -> None:
+        # stop() deletes the file it wrote: a hand-written list of other machines must survive.
+        if not self.config_path.exists():
+            return
+        try:
+            elsewhere = [a for a in ClusterConfig.load(self.config_path).hosts.values()
+                         if a.rsplit(":", 1)[0] not in LOCAL_HOSTS]
+        except ValueError:
+            return  # not a cluster file of ours, e.g. left half-written: replace it
+        if elsewhere:
+            raise ClusterError(
+                f"{self.config_path} names servers on other machines ({', '.join(elsewhere)}). To use "
+                "them, call RemoteCluster.join(); to start servers here, move that file away first.")
+
     def _launch(self, timeout: float) -> None:
+        self._refuse_to_overwrite_remote_config()
         self._clear_ports()
         self.config.save(self.config_path)
         log_dir = Path(tempfile.mkdtemp(prefix="private-predictions-"))

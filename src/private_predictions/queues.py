@@ -61,7 +61,7 @@ def request_queue(protocol) -> SharedQueue:
 
 
 def heartbeat_queue(protocol) -> SharedQueue:
-    """Its size flips between 1 and 2 every HEARTBEAT_INTERVAL while a model is served.
+    """Its size flips between 1 and 2 every HEARTBEAT_INTERVAL while ``SecureModel.serve`` runs.
 
     A queue's size can be read without taking anything out, so every client can watch
     the same heartbeat and notice within seconds when the serving side is gone.

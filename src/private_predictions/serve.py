@@ -28,14 +28,7 @@ def main(argv=None) -> None:
     secure_model = share_model(model, protocol)
     print(f"{READY} (model shared in {time.perf_counter() - start:.2f} s)", flush=True)
     try:
-        if args.requests is None:
-            while True:  # until interrupted: a quiet hour is no reason to stop
-                try:
-                    secure_model.serve_one(args.timeout)
-                except TimeoutError:
-                    continue
-        else:
-            secure_model.serve(args.requests, args.timeout, report=lambda line: print(line, flush=True))
+        secure_model.serve(args.requests, args.timeout, report=lambda line: print(line, flush=True))
     except ServerUnreachableError as error:
         sys.exit(f"{STOPPED}: {error}")
 

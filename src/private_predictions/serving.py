@@ -17,7 +17,8 @@ MAX_BATCH_SIZE = 128
 BATCH_BUCKETS = (1, 8, 32, MAX_BATCH_SIZE)
 INPUT_GRACE_SECONDS = 5.0
 RESTART_ADVICE = ("Serving cannot go on: the servers' state, the model's shares included, is lost. "
-                  "Start the servers and share the model again (notebook 02 from the top).")
+                  "Start the servers and share the model again (notebook 02 from the top, or "
+                  "restart the three players and the serve command).")
 # Numbers are encoded as round(x * 3^10) in 64-bit integers: 9 times finer than tf-encrypted's
 # default 3^8, which left logit errors of 0.05. The price is a smaller integer part, |x| <
 # 3^5 = 243; the largest value inside this network on 30,000 MNIST images is 33. (Base 3
@@ -49,6 +50,7 @@ class SecureModel:
         self.servers = ServerWatch(ClusterConfig(dict(tfe.get_config().hostmap)), RESTART_ADVICE)
         self._predict_on_shares = tf.function(self._predict_on_shares_eagerly)
         self._stopped = threading.Event()
+        self._serving = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, args=(heartbeat_queue(protocol),),
                                            name="serving heartbeat", daemon=True)
         self._heartbeat.start()
@@ -56,6 +58,8 @@ class SecureModel:
     def _beat(self, queue) -> None:
         # A thread of its own, so the heartbeat goes on while a long batch is computed.
         while not self._stopped.wait(HEARTBEAT_INTERVAL):
+            if not self._serving.is_set():
+                continue  # a client waiting now is told that nothing serves it
             try:
                 if queue.size() >= 2:
                     queue.dequeue()
@@ -140,26 +144,40 @@ class SecureModel:
             if has_items(queue):
                 queue.dequeue()
 
-    def serve(self, num_requests: int, timeout: float = 120.0,
+    def serve(self, num_requests: Optional[int], timeout: float = 120.0,
               report: Optional[Callable[[str], None]] = print) -> None:
         """Answer ``num_requests`` private queries, waiting at most ``timeout`` s for each.
 
+        ``num_requests=None`` serves until interrupted, however long the quiet spells.
         Returns once every client has collected its results, so the servers can be
-        stopped right after without cutting off a client.
+        stopped right after without cutting off a client. The heartbeat that clients
+        watch beats only while this runs.
         """
         report = report or (lambda line: None)
-        for number in range(1, num_requests + 1):
-            batch = self.serve_one(timeout)
-            if batch == 0:
-                report(f"Request {number}/{num_requests}: dropped, its client vanished while sending it")
-            else:
-                images = "image" if batch == 1 else "images"
-                report(f"Request {number}/{num_requests}: answered a private batch of {batch} {images}")
+        of_total = "" if num_requests is None else f"/{num_requests}"
+        self._serving.set()
         try:
-            with self.servers.explaining_failures():
-                wait_until(self._all_results_collected, timeout, "")
-        except TimeoutError:
-            report(f"Some results were not collected within {timeout:.0f} s: their clients are gone.")
+            number = 0
+            while num_requests is None or number < num_requests:
+                try:
+                    batch = self.serve_one(timeout)
+                except TimeoutError:
+                    if num_requests is None:
+                        continue
+                    raise
+                number += 1
+                if batch == 0:
+                    report(f"Request {number}{of_total}: dropped, its client vanished while sending it")
+                else:
+                    images = "image" if batch == 1 else "images"
+                    report(f"Request {number}{of_total}: answered a private batch of {batch} {images}")
+            try:
+                with self.servers.explaining_failures():
+                    wait_until(self._all_results_collected, timeout, "")
+            except TimeoutError:
+                report(f"Some results were not collected within {timeout:.0f} s: their clients are gone.")
+        finally:
+            self._serving.clear()
 
     def close(self) -> None:
         """Delete the weight shares from the servers; the model cannot serve afterwards.
