@@ -39,16 +39,10 @@ class ServerWatch:
         self.config, self.advice, self.interval = config, advice, interval
         self._last_check = time.monotonic()
 
-    def dead_server(self) -> Optional[str]:
-        for name in SERVER_NAMES:
-            if not port_is_open(*self.config.address(name)):
-                return name
-        return None
-
     def check(self) -> None:
         """Raise ServerUnreachableError naming the first server whose port is closed."""
         self._last_check = time.monotonic()
-        dead = self.dead_server()
+        dead = first_dead_server(self.config)
         if dead is not None:
             raise self._error(dead)
 
@@ -61,7 +55,7 @@ class ServerWatch:
         try:
             yield
         except tf.errors.OpError:
-            dead = self.dead_server()
+            dead = first_dead_server(self.config)
             if dead is None:
                 raise
             # The gRPC details of the failed call say nothing the name does not.
@@ -90,6 +84,14 @@ def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def first_dead_server(config: ClusterConfig) -> Optional[str]:
+    """The first server in ``config`` that does not accept connections, or None if all do."""
+    for name in SERVER_NAMES:
+        if not port_is_open(*config.address(name)):
+            return name
+    return None
+
+
 def find_free_base_port(count: int = 3) -> int:
     """A port p such that p .. p+count-1 are all free right now (for tests and benchmarks)."""
     for _ in range(100):
@@ -111,17 +113,17 @@ def _port_is_free(port: int) -> bool:
 
 
 def who_listens_on(port: int) -> Optional[psutil.Process]:
-    for connection in psutil.net_connections(kind="tcp"):
-        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
-            return psutil.Process(connection.pid) if connection.pid else None
+    """The process listening on ``port``, or None if this user cannot tell."""
+    try:
+        for connection in psutil.net_connections(kind="tcp"):
+            if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
+                return psutil.Process(connection.pid) if connection.pid else None
+    except (psutil.AccessDenied, psutil.NoSuchProcess):
+        pass
     return None
 
 
-def describe_port_holder(port: int) -> str:
-    try:
-        holder = who_listens_on(port)
-    except (psutil.AccessDenied, psutil.NoSuchProcess):
-        holder = None
+def describe_port_holder(port: int, holder: Optional[psutil.Process]) -> str:
     if holder is None:
         return f"port {port} is in use by a process this user cannot see"
     return f"port {port} is in use by process {holder.pid} ({' '.join(holder.cmdline())[:120]})"
@@ -143,10 +145,7 @@ def wait_for_servers(config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 1
                "Start the servers with notebooks/02_secure_serving.ipynb first.", max_pause=0.1)
     config = ClusterConfig.load(config_path)
 
-    def all_listening():
-        return all(port_is_open(*config.address(name)) for name in SERVER_NAMES)
-
-    wait_until(all_listening, timeout,
+    wait_until(lambda: first_dead_server(config) is None, timeout,
                f"The servers in {config_path} ({', '.join(config.hosts.values())}) are not "
                f"answering after {timeout:.0f} s. {how_to_start}",
                max_pause=0.1)
@@ -244,10 +243,7 @@ class LocalCluster:
             host, port = self.config.address(name)
             if not port_is_open(host, port):
                 continue
-            try:
-                holder = who_listens_on(port)
-            except psutil.AccessDenied:
-                holder = None
+            holder = who_listens_on(port)
             starter = holder and _starter_of_our_server(holder, self.config_path, name)
             if starter and (starter == os.getpid() or not _still_running(starter, holder)):
                 print(f"Stopping {name} (process {holder.pid}), left over from an earlier start.")
@@ -261,7 +257,7 @@ class LocalCluster:
                 )
             else:
                 raise ClusterError(
-                    f"Cannot start {name}: {describe_port_holder(port)}. Stop that process, "
+                    f"Cannot start {name}: {describe_port_holder(port, holder)}. Stop that process, "
                     "or start the cluster on other ports with LocalCluster.start(base_port=...)."
                 )
 

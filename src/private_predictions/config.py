@@ -54,14 +54,12 @@ class ClusterConfig:
         connect to all addresses". So the address given is the one the servers reach us at.
         """
         from ._tf import tf
+        from .cluster import find_free_base_port
 
         own_address = address_towards(*self.address(SERVER_NAMES[0]))
-        with socket.socket() as probe:
-            probe.bind(("", 0))
-            free_port = probe.getsockname()[1]
         cluster = tf.train.ClusterSpec({
             TFE_JOB: [self.hosts[name] for name in SERVER_NAMES],
-            LOCAL_JOB: [f"{own_address}:{free_port}"],
+            LOCAL_JOB: [f"{own_address}:{find_free_base_port(count=1)}"],
         })
         tf.config.experimental_connect_to_cluster(cluster, job_name=LOCAL_JOB)
 
