@@ -15,10 +15,10 @@ import numpy as np
 from tqdm import tqdm
 
 from private_predictions import LocalCluster, PrivateClient, load_logits_model, load_mnist
-from private_predictions.cluster import find_free_base_port
+from private_predictions.ports import find_free_base_port
 from private_predictions.serve import start_serving_process
 from private_predictions._tf import tf
-from private_predictions.serving import MAX_BATCH_SIZE
+from private_predictions.queues import MAX_BATCH_SIZE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BATCH_SIZES = (1, 8, 32, MAX_BATCH_SIZE)

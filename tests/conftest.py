@@ -1,10 +1,12 @@
 import subprocess
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from tensorflow.python.ops import gen_data_flow_ops
 
 from private_predictions import LocalCluster, PrivateClient
-from private_predictions.cluster import find_free_base_port
+from private_predictions.ports import find_free_base_port
 from private_predictions.serve import start_serving_process
 
 
@@ -51,3 +53,31 @@ def client(serving, cluster):
     # Connecting again for every test costs milliseconds, and keeps this process's
     # connection right even after a test has connected it to a cluster of its own.
     return PrivateClient.connect(cluster.config_path, timeout=30)
+
+
+def send_by_hand(client, share0=None, share1=None, announced: int = 1):
+    """What anything on the network can do: put shares and a request of its own making into the queues.
+
+    A share that is None is not sent. Returns the queues of the made-up client.
+    """
+    from private_predictions._tf import tf
+    from private_predictions.queues import ClientQueues
+
+    queues = ClientQueues(client.protocol)
+    for queue, share in zip(queues.inputs, (share0, share1)):
+        if share is not None:
+            _enqueue(queue.handle, tf.constant(np.asarray(share, np.int64)))
+    _enqueue_request(client._requests.handle, tf.constant(queues.client_id), tf.constant(announced, tf.int64))
+    return queues
+
+
+def _enqueue(queue, value):
+    from private_predictions._tf import tf
+    return tf.function(lambda q, v: (gen_data_flow_ops.queue_enqueue_v2(q, [v]),
+                                     gen_data_flow_ops.queue_size_v2(q))[-1])(queue, value)
+
+
+def _enqueue_request(requests, client_id, batch):
+    from private_predictions._tf import tf
+    return tf.function(lambda q, c, b: (gen_data_flow_ops.queue_enqueue_v2(q, [c, b]),
+                                        gen_data_flow_ops.queue_size_v2(q))[-1])(requests, client_id, batch)

@@ -9,7 +9,8 @@ import psutil
 import pytest
 
 from private_predictions import ClusterError, LocalCluster, PrivateClient, RemoteCluster
-from private_predictions.cluster import find_free_base_port, player_command, port_is_open
+from private_predictions.ports import find_free_base_port, free_ports, port_is_open
+from private_predictions import player
 from private_predictions.config import SERVER_NAMES, ClusterConfig
 
 
@@ -63,7 +64,7 @@ def test_busy_port_is_named_with_its_process(tmp_path):
 
 def start_lone_server0(config_path, started_by):
     """server0 as LocalCluster would start it on behalf of ``started_by``, but with no link to it."""
-    server = subprocess.Popen(player_command(config_path, "server0", started_by=started_by),
+    server = subprocess.Popen(player.command(config_path, "server0", started_by=started_by, cluster_file=config_path.resolve()),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not port_is_open(*ClusterConfig.load(config_path).address("server0")):
@@ -74,7 +75,7 @@ def start_lone_server0(config_path, started_by):
 
 def test_a_server_of_ours_left_from_an_earlier_run_is_replaced(tmp_path):
     config_path, base = tmp_path / "c.json", find_free_base_port()
-    ClusterConfig.local(base).save(config_path)
+    ClusterConfig.local(range(base, base + 3)).save(config_path)
     earlier_run = subprocess.Popen(["true"])
     earlier_run.wait()
     leftover = start_lone_server0(config_path, started_by=earlier_run.pid)
@@ -89,7 +90,7 @@ def test_a_server_of_ours_left_from_an_earlier_run_is_replaced(tmp_path):
 
 def test_a_server_of_another_running_cluster_is_left_alone(tmp_path):
     config_path, base = tmp_path / "c.json", find_free_base_port()
-    ClusterConfig.local(base).save(config_path)
+    ClusterConfig.local(range(base, base + 3)).save(config_path)
     other_kernel = subprocess.Popen(["sleep", "120"])
     server = start_lone_server0(config_path, started_by=other_kernel.pid)
     try:
@@ -118,7 +119,7 @@ def test_a_configuration_naming_other_machines_is_never_overwritten(tmp_path):
 ], ids=["client", "model owner joining servers elsewhere"])
 def test_unreachable_servers_fail_fast(tmp_path, connect, says):
     config_path = tmp_path / "c.json"
-    ClusterConfig.local(find_free_base_port()).save(config_path)
+    ClusterConfig.local(free_ports(3)).save(config_path)
     start = time.monotonic()
     with pytest.raises(TimeoutError, match=says):
         connect(config_path, timeout=2)

@@ -10,8 +10,10 @@ import pytest
 
 from private_predictions import LocalCluster, PrivateClient, connect, load_logits_model, load_mnist, share_model
 from private_predictions.client import ServingStoppedError
-from private_predictions.cluster import ServerUnreachableError, find_free_base_port
+from private_predictions.ports import find_free_base_port
+from private_predictions.watch import ServerUnreachableError
 from private_predictions.serve import start_serving_process
+from conftest import send_by_hand
 
 CLIENTS, QUERIES = 4, 25
 
@@ -113,7 +115,7 @@ def test_a_client_waiting_after_serving_has_ended_is_told_so(tmp_path, test_imag
         client.predict_logits(test_images[:1], timeout=60)
         serving.join(60)
         start = time.monotonic()
-        with pytest.raises(ServingStoppedError, match="no heartbeat"):
+        with pytest.raises(ServingStoppedError, match="stopped"):
             client.predict_logits(test_images[1:2], timeout=60)
         assert time.monotonic() - start < 15
         secure_model.close()
@@ -127,11 +129,9 @@ def test_images():
 
 def test_a_client_that_vanishes_mid_request_does_not_block_the_others(client, test_images):
     client.predict_logits(test_images[:1])  # the served graph exists before the clock starts
-    vanished = PrivateClient(client.protocol, client.config)
-    share0, _ = vanished.share(test_images[:1].astype(np.float64))
-    # What a client killed between its two enqueues leaves behind: one share and its id.
-    vanished.queues.inputs[0].enqueue(share0)
-    vanished.requests.enqueue(vanished.queues.client_id)
+    share0, _ = client.share(test_images[:1].astype(np.float64))
+    # What a client killed between its two shares would leave behind: one share and its request.
+    send_by_hand(client, share0.numpy(), None)
     start = time.monotonic()
     logits = client.predict_logits(test_images[2:3], timeout=60)
     assert logits.argmax() == load_logits_model()(test_images[2:3]).numpy().argmax()

@@ -78,9 +78,10 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("bad", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
 def test_bad_input_is_rejected_before_sending(client, test_set, plaintext_model, monkeypatch, bad):
+    from private_predictions.queues import ClientQueues
+
     sent = []
-    monkeypatch.setattr(client.queues.inputs[0], "enqueue", lambda x: sent.append(x))
-    monkeypatch.setattr(client.queues.inputs[1], "enqueue", lambda x: sent.append(x))
+    monkeypatch.setattr(ClientQueues, "send", lambda *args: sent.append(args))
     with pytest.raises(InvalidImageError) as error:
         client.predict_logits(bad, timeout=5)
     assert str(error.value)
@@ -92,7 +93,7 @@ def test_bad_input_is_rejected_before_sending(client, test_set, plaintext_model,
 
 def test_accuracy_guard_on_256_images(client, test_set, plaintext_model):
     """Speed work must never cost accuracy silently: the series' configuration on 256 images."""
-    from private_predictions.serving import MAX_BATCH_SIZE
+    from private_predictions.queues import MAX_BATCH_SIZE
 
     images = test_set[0][:256]
     private = np.concatenate([client.predict_logits(images[i:i + MAX_BATCH_SIZE])

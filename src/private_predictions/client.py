@@ -5,27 +5,35 @@ result, which puts the plaintext prediction on the servers. This client fetches 
 two output shares instead and adds them up on its own device only.
 """
 import time
-import uuid
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from ._tf import tf
-from .cluster import ServerWatch, wait_for_servers
+from .cluster import wait_for_servers
 from .config import ClusterConfig
 from .data import IMAGE_SHAPE
 from .paths import CLUSTER_CONFIG_PATH
-from .queues import ClientQueues, has_items, heartbeat_queue, request_queue, wait_until
-from .serving import MAX_BATCH_SIZE, connect
+from .protocol import LOCAL_DEVICE, connect
+from .queues import MAX_BATCH_SIZE, NOBODY, SERVING_SILENCE, ClientQueues, ServingLease, request_queue
+from .waiting import BackgroundCall, bounded, wait_for
+from .watch import ServerWatch
 
-LOCAL_DEVICE = "/job:localhost/replica:0/task:0/device:CPU:0"
-SERVING_SILENCE = 5.0
+QUICK_CALL_SECONDS = 10.0
 RECONNECT_ADVICE = ("This query cannot finish. Once the servers run again (notebook 02), connect "
                     "again with PrivateClient.connect(): connecting works in the same kernel.")
+SERVE_AGAIN = ("Serve again (the serve cell of notebooks/02_secure_serving.ipynb, or the serve command), "
+               "then send the query again; after running notebook 02 from the top, call "
+               "PrivateClient.connect() first.")
 
 
 class ServingStoppedError(RuntimeError):
     """The serving side stopped while this client waited for an answer."""
+
+
+class RequestRefusedError(RuntimeError):
+    """The serving side refused the request it took from this client's queues."""
 
 
 class InvalidImageError(ValueError):
@@ -71,23 +79,27 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class PrivateClient:
     """Ask the served model for predictions without showing it the images."""
 
-    def __init__(self, protocol, config: ClusterConfig):
+    def __init__(self, protocol, config: ClusterConfig, say=print):
         self.protocol = protocol
         self.config = config
-        self.queues = ClientQueues(protocol, uuid.uuid4().hex)
-        self.requests = request_queue(protocol)
-        self.heartbeat = heartbeat_queue(protocol)
-        self._beat_size, self._beat_seen, self._beat_changed_at = None, False, 0.0
+        self.say = say
         self.servers = ServerWatch(config, RECONNECT_ADVICE)
+        self.lease = self._quick(ServingLease, protocol)
+        self.queues: Optional[ClientQueues] = None  # made when first needed, fresh after a failure
+        self._session, self._requests = NOBODY, None
 
     @classmethod
-    def connect(cls, config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 120.0):
+    def connect(cls, config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 120.0, say=print):
         """Connect to the servers named in ``config_path``, waiting up to ``timeout`` s for them."""
-        config = wait_for_servers(config_path, timeout)
-        return cls(connect(config), config)
+        config = wait_for_servers(config_path, timeout, say=say)
+        return cls(connect(config), config, say)
 
     def __repr__(self):
         return "PrivateClient(" + ", ".join(f"{n}={a}" for n, a in self.config.hosts.items()) + ")"
+
+    def _quick(self, function, *args):
+        return bounded(function, *args, timeout=QUICK_CALL_SECONDS, watches=[self.servers.check],
+                       message=f"The servers did not answer within {QUICK_CALL_SECONDS:.0f} s. {RECONNECT_ADVICE}")
 
     @property
     def scaling_factor(self) -> int:
@@ -109,61 +121,90 @@ class PrivateClient:
         """Add two shares (mod 2^64) and decode the fixed-point result."""
         return (share0 + share1) / self.scaling_factor
 
-    def send(self, images: np.ndarray) -> None:
-        share0, share1 = self.share(validate_images(images))
-        with self.servers.explaining_failures():
-            self.queues.inputs[0].enqueue(share0)
-            self.queues.inputs[1].enqueue(share1)
-            # The id goes last: when the serving side reads it, both shares are waiting.
-            self.requests.enqueue(tf.constant(self.queues.client_id))
+    def _serving_side(self, deadline: float) -> None:
+        """Find the request queue of the side that serves now, waiting for one until ``deadline``."""
+        owner, age = self._quick(self.lease.read)
+        if owner != NOBODY and age <= SERVING_SILENCE:
+            if owner != self._session:
+                self._requests = self._quick(request_queue, self.protocol, owner)
+                self._session = owner
+            return
+        if self._session != NOBODY:
+            # It served this client before: no one waits two minutes to learn that it stopped.
+            self._session = NOBODY
+            raise ServingStoppedError(f"The serving side stopped after its last answer. {SERVE_AGAIN}")
+        self.say(f"Waiting up to {max(0, deadline - time.monotonic()):.0f} s for the model to be served "
+                 "(the serve cell of notebooks/02_secure_serving.ipynb)...")
+        while True:
+            time.sleep(0.1)
+            owner, age = self._quick(self.lease.read)
+            if owner != NOBODY and age <= SERVING_SILENCE:
+                return self._serving_side(deadline)
+            if time.monotonic() > deadline:
+                raise TimeoutError("No answer from the served model: nothing served the servers in time. "
+                                   "Is notebooks/02_secure_serving.ipynb serving requests (its serve cell)?")
 
     def check_serving(self) -> None:
-        """Raise ServingStoppedError if a heartbeat seen before has not moved for SERVING_SILENCE s."""
-        size, now = self.heartbeat.size(), time.monotonic()
-        if self._beat_size is not None and size != self._beat_size:
-            # Armed only by a change: a queue left over from a dead serving side never changes.
-            self._beat_seen, self._beat_changed_at = True, now
-        self._beat_size = size
-        if self._beat_seen and now - self._beat_changed_at > SERVING_SILENCE:
-            raise ServingStoppedError(
-                f"The serving side stopped: no heartbeat for {SERVING_SILENCE:.0f} s. Serve again (the "
-                "serve cell of notebooks/02_secure_serving.ipynb, or the serve command), then send the "
-                "query again; after running notebook 02 from the top, call PrivateClient.connect() first.")
-
-    def _answer_ready(self) -> bool:
-        # A dead serving process would otherwise go unnoticed here, like a dead server2.
-        if self.servers.check_if_due():
-            self.check_serving()
-        return all(has_items(q) for q in self.queues.outputs)
-
-    def receive(self, timeout: float = 120.0) -> np.ndarray:
-        self._beat_changed_at = time.monotonic()
-        with self.servers.explaining_failures():
-            wait_until(self._answer_ready, timeout,
-                       f"No answer from the served model within {timeout:.0f} s. Is "
-                       "notebooks/02_secure_serving.ipynb serving requests?")
-            # .numpy() copies each share to this device; they are added up only here.
-            share0, share1 = (q.dequeue().numpy() for q in self.queues.outputs)
-        return self.reconstruct(share0, share1)
+        """Raise ServingStoppedError if the side this client asked no longer serves."""
+        owner, age = self._quick(self.lease.read)
+        if owner != self._session or age > SERVING_SILENCE:
+            why = "it stopped" if owner in (NOBODY, self._session) else "another serving side replaced it"
+            raise ServingStoppedError(f"The serving side stopped ({why}) before answering. {SERVE_AGAIN}")
 
     def predict_logits(self, images: np.ndarray, timeout: float = 120.0) -> np.ndarray:
         """Private logits for a batch of images of shape (n, 28, 28, 1) with values in [0, 1]."""
-        self.send(images)
+        share0, share1 = self.share(validate_images(images))
+        deadline = time.monotonic() + timeout
         try:
-            return self.receive(timeout)
-        except Exception:
-            # The unanswered request may still be answered later; a fresh set of queues
-            # makes sure that late answer can never be taken for the next query's.
-            self.queues = ClientQueues(self.protocol, uuid.uuid4().hex)
+            self._serving_side(deadline)
+            if self.queues is None:
+                self.queues = self._quick(ClientQueues, self.protocol)
+            try:
+                self._quick(self.queues.send, self._requests, share0, share1)
+            except tf.errors.OpError:
+                self.servers.check()
+                raise ServingStoppedError(f"The serving side stopped before taking the query. {SERVE_AGAIN}") \
+                    from None
+            answer = BackgroundCall(self.queues.receive, name="waiting for an answer")
+            output0, output1 = wait_for(
+                answer, max(0.0, deadline - time.monotonic()),
+                f"No answer from the served model within {timeout:.0f} s. Is "
+                "notebooks/02_secure_serving.ipynb serving requests?",
+                watches=[self.servers.check, self.check_serving])
+        except tf.errors.OpError as error:
+            self._abandon_queues()
+            raise self.servers.explain(error) from None
+        except BaseException:
+            self._abandon_queues()
             raise
+        # .numpy() copies each share to this device; they are added up only here.
+        output0, output1 = output0.numpy(), output1.numpy()
+        if output0.ndim == 1:
+            raise RequestRefusedError("The serving side refused this request: the shares it found in "
+                                      "this client's queues were not a batch of images.")
+        return self.reconstruct(output0, output1)
+
+    def _abandon_queues(self) -> None:
+        """Leave this client's queues after a failed query, without a call that could fail anew.
+
+        Their late answer must never be taken for the next query's, so the next query uses
+        fresh queues. Closing them ends a dequeue still waiting there, if the server is up.
+        """
+        queues, self.queues = self.queues, None
+        if queues is not None:
+            try:
+                bounded(queues.close_outputs, timeout=1.0, message="")
+            except Exception:  # noqa: BLE001  (the query's own error is the one to show)
+                pass
 
     def close(self) -> None:
         """Delete this client's queues from the servers (if they are still up)."""
-        for queue in self.queues.inputs + self.queues.outputs:
-            try:
-                queue.delete()
-            except tf.errors.OpError:
-                pass
+        if self.queues is not None:
+            for queue in self.queues.all():
+                try:
+                    bounded(queue.delete, timeout=1.0, message="")
+                except Exception:  # noqa: BLE001
+                    pass
 
     def predict(self, images: np.ndarray, timeout: float = 120.0) -> np.ndarray:
         """Private class probabilities: the softmax is applied here, on the client."""

@@ -1,72 +1,28 @@
-"""Start, watch and stop the three TF Encrypted servers on this machine."""
+"""Start and stop the three TF Encrypted servers on this machine, or join three elsewhere."""
 import ctypes
+import fcntl
+import hashlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import psutil
 
+from . import player
 from .config import SERVER_NAMES, ClusterConfig
-from .paths import CLUSTER_CONFIG_PATH
-from ._tf import tf
-from .queues import wait_until
+from .paths import CLUSTER_CONFIG_PATH, shown
+from .ports import describe_port_holder, free_ports, listens_on, port_is_open, who_listens_on
+from .waiting import SLICE, wait_until
+from .watch import first_dead_server
 
 
 class ClusterError(RuntimeError):
     """A server could not be started, or is not answering."""
-
-
-class ServerUnreachableError(ConnectionError):
-    """A server stopped answering: what it held (shares, queues) is lost."""
-
-
-class ServerWatch:
-    """Notices a dead server within ``interval`` s, for loops that otherwise only talk to some.
-
-    A query or a wait for requests touches server0 and server1 only: without this, a
-    dead server2 would go unnoticed until the next computation. A check costs a few
-    ms (one connection per server), so it runs at most every ``interval`` s.
-    """
-
-    def __init__(self, config: ClusterConfig, advice: str, interval: float = 0.5):
-        self.config, self.advice, self.interval = config, advice, interval
-        self._last_check = time.monotonic()
-
-    def check(self) -> None:
-        """Raise ServerUnreachableError naming the first server whose port is closed."""
-        self._last_check = time.monotonic()
-        dead = first_dead_server(self.config)
-        if dead is not None:
-            raise self._error(dead)
-
-    def _error(self, name: str) -> ServerUnreachableError:
-        return ServerUnreachableError(f"{name} ({self.config.hosts[name]}) is not answering. {self.advice}")
-
-    @contextmanager
-    def explaining_failures(self):
-        """Turn a TF error that a dead server caused into a ServerUnreachableError naming it."""
-        try:
-            yield
-        except tf.errors.OpError:
-            dead = first_dead_server(self.config)
-            if dead is None:
-                raise
-            # The gRPC details of the failed call say nothing the name does not.
-            raise self._error(dead) from None
-
-    def check_if_due(self) -> bool:
-        """Check if the last check is ``interval`` s old; return whether it checked."""
-        if time.monotonic() - self._last_check <= self.interval:
-            return False
-        self.check()
-        return True
 
 
 def _die_with_parent():
@@ -76,116 +32,70 @@ def _die_with_parent():
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def first_dead_server(config: ClusterConfig) -> Optional[str]:
-    """The first server in ``config`` that does not accept connections, or None if all do."""
-    for name in SERVER_NAMES:
-        if not port_is_open(*config.address(name)):
-            return name
-    return None
-
-
-def find_free_base_port(count: int = 3) -> int:
-    """A port p such that p .. p+count-1 are all free right now (for tests and benchmarks)."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("", 0))
-            base = probe.getsockname()[1]
-        if base + count < 65536 and all(_port_is_free(base + i) for i in range(count)):
-            return base
-    raise ClusterError(f"found no {count} consecutive free ports")
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("", port))
-            return True
-        except OSError:
-            return False
-
-
-def who_listens_on(port: int) -> Optional[psutil.Process]:
-    """The process listening on ``port``, or None if this user cannot tell."""
-    try:
-        for connection in psutil.net_connections(kind="tcp"):
-            if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
-                return psutil.Process(connection.pid) if connection.pid else None
-    except (psutil.AccessDenied, psutil.NoSuchProcess):
-        pass
-    return None
-
-
-def describe_port_holder(port: int, holder: Optional[psutil.Process]) -> str:
-    if holder is None:
-        return f"port {port} is in use by a process this user cannot see"
-    return f"port {port} is in use by process {holder.pid} ({' '.join(holder.cmdline())[:120]})"
-
-
 START_WITH_NOTEBOOK_02 = "Start them with notebooks/02_secure_serving.ipynb."
 START_ON_EACH_MACHINE = ("Start each on its machine with `python -m private_predictions.player CONFIG NAME` "
-                         "(README: Running the servers on several machines), and check that no firewall "
-                         "blocks the ports.")
+                         "(docs: several machines), and check that no firewall blocks the ports.")
 
 
 def wait_for_servers(config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 120.0,
-                     how_to_start: str = START_WITH_NOTEBOOK_02) -> ClusterConfig:
-    """Wait until ``config_path`` exists and every server it names accepts connections."""
+                     how_to_start: str = START_WITH_NOTEBOOK_02, say=print) -> ClusterConfig:
+    """Wait until ``config_path`` exists and every server it names accepts connections.
+
+    If they are not there at once, say so right away, once, with how long this waits.
+    """
     config_path = Path(config_path)
-    # Servers take seconds to start: checking ten times a second leaves the CPU to them.
-    wait_until(config_path.exists, timeout,
-               f"No cluster configuration appeared at {config_path} within {timeout:.0f} s. "
-               "Start the servers with notebooks/02_secure_serving.ipynb first.", max_pause=0.1)
-    config = ClusterConfig.load(config_path)
+    deadline = time.monotonic() + timeout
 
-    wait_until(lambda: first_dead_server(config) is None, timeout,
-               f"The servers in {config_path} ({', '.join(config.hosts.values())}) are not "
-               f"answering after {timeout:.0f} s. {how_to_start}",
-               max_pause=0.1)
-    return config
+    def config_if_ready() -> Optional[ClusterConfig]:
+        if not config_path.exists():
+            return None
+        try:
+            config = ClusterConfig.load(config_path)
+        except ValueError:
+            return None  # being written
+        return config if first_dead_server(config) is None else None
 
-
-LOCAL_HOSTS = ("localhost", "127.0.0.1")
-PLAYER_MODULE = "private_predictions.player"
-STARTED_BY = "--started-by"
-
-
-def player_command(config_path: Path, name: str, started_by: Optional[int] = None) -> List[str]:
-    command = [sys.executable, "-m", PLAYER_MODULE, str(config_path), name]
-    return command if started_by is None else command + [STARTED_BY, str(started_by)]
+    config = config_if_ready()
+    if config is None:
+        say(f"Waiting up to {timeout:.0f} s for the servers named in {shown(config_path)} "
+            f"(written by notebook 02 when it starts them)...")
+        wait_until(lambda: config_if_ready() is not None or time.monotonic() > deadline, timeout + 1, "")
+        config = config_if_ready()
+    if config is not None:
+        return config
+    if not config_path.exists():
+        raise TimeoutError(f"No cluster configuration appeared at {config_path} within {timeout:.0f} s. "
+                           f"Start the servers with notebooks/02_secure_serving.ipynb first.")
+    hosts = ", ".join(ClusterConfig.load(config_path).hosts.values())
+    raise TimeoutError(f"The servers in {config_path} ({hosts}) are not answering after {timeout:.0f} s. "
+                       f"{how_to_start}")
 
 
 def start_player(config_path: Path, name: str, log, launcher: Sequence[str] = (),
-                 started_by: Optional[int] = None) -> subprocess.Popen:
+                 started_by: Optional[int] = None, cluster_file: Optional[Path] = None) -> subprocess.Popen:
     """Start one server process: ``launcher`` + ``python -m private_predictions.player CONFIG NAME``.
 
     ``launcher`` runs it elsewhere, e.g. ``ip netns exec NAMESPACE`` in the several-hosts test;
-    ``started_by`` (LocalCluster's process id) lets a later start recognise it if it is abandoned.
+    ``started_by`` and ``cluster_file`` let a later LocalCluster recognise it if it is abandoned.
     """
     return subprocess.Popen(
-        [*launcher, *player_command(config_path, name, started_by)],
+        [*launcher, *player.command(config_path, name, started_by=started_by, cluster_file=cluster_file)],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
     )
 
 
-def _starter_of_our_server(holder: psutil.Process, config_path: Path, name: str) -> Optional[int]:
-    """If ``holder`` is ``name`` of a LocalCluster on ``config_path`` run by this user, who started it."""
+def _starter_of_our_server(holder: psutil.Process, cluster_file: Path, name: str) -> Optional[int]:
+    """If ``holder`` is ``name`` of a LocalCluster for ``cluster_file`` run by this user, who started it."""
     try:
-        command, cwd, user = holder.cmdline(), Path(holder.cwd()), holder.username()
+        arguments, user = holder.cmdline(), holder.username()
     except (psutil.AccessDenied, psutil.NoSuchProcess):
         return None
-    if user != psutil.Process().username() or len(command) != 7 or command[1:3] != ["-m", PLAYER_MODULE]:
+    told = player.parse_command(arguments)
+    if user != psutil.Process().username() or told is None or told.started_by is None:
         return None
-    if (cwd / command[3]).resolve() != config_path.resolve() or command[4:6] != [name, STARTED_BY]:
+    if told.name != name or told.cluster_file is None or Path(told.cluster_file) != cluster_file.resolve():
         return None
-    return int(command[6]) if command[6].isdigit() else None
+    return told.started_by
 
 
 def _still_running(starter: int, holder: psutil.Process) -> bool:
@@ -205,6 +115,34 @@ def _terminate(process: psutil.Process, timeout: float = 10.0) -> None:
         process.wait(timeout)
 
 
+LOCK_DIR = Path(tempfile.gettempdir()) / "private-predictions-locks"
+
+
+def _lock(key: str, deadline: float, what: str) -> int:
+    """Take this machine's lock named ``key`` (a file lock, shared by all users), waiting until ``deadline``.
+
+    Starts that race for the same ports or the same cluster file take turns: the
+    second then sees the first one's servers and is told whose they are.
+    """
+    LOCK_DIR.mkdir(mode=0o777, exist_ok=True)
+    try:
+        os.chmod(LOCK_DIR, 0o1777)  # every user may lock, as in /tmp
+    except PermissionError:
+        pass
+    path = LOCK_DIR / f"{key}.lock"
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return descriptor
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(descriptor)
+                raise ClusterError(f"{what} is being started by another process and did not become free in "
+                                   "time; try again in a minute.") from None
+            time.sleep(SLICE / 2)
+
+
 class LocalCluster:
     """The three servers of a TF Encrypted cluster, as child processes of this one.
 
@@ -218,16 +156,62 @@ class LocalCluster:
         self._logs: Dict[str, Path] = {}
 
     @classmethod
-    def start(
-        cls,
-        base_port: int = 4440,
-        config_path: Path = CLUSTER_CONFIG_PATH,
-        timeout: float = 60.0,
-    ) -> "LocalCluster":
-        """Start server0, server1 and server2 on ``localhost:base_port..base_port+2``."""
-        cluster = cls(ClusterConfig.local(base_port), config_path)
-        cluster._launch(timeout)
-        return cluster
+    def start(cls, base_port: Optional[int] = None, config_path: Path = CLUSTER_CONFIG_PATH,
+              timeout: float = 60.0) -> "LocalCluster":
+        """Start server0, server1 and server2 on this machine and write ``config_path`` naming them.
+
+        Without ``base_port`` the ports are chosen among those free (the client finds them
+        in ``config_path``), so two checkouts on one machine never meet; with it, exactly
+        ``base_port``, ``base_port + 1`` and ``base_port + 2``. Returns only once each port
+        is held by the server this call started; otherwise stops what it started and
+        raises ClusterError naming the port and who holds it.
+        """
+        deadline = time.monotonic() + timeout
+        for attempt in range(3):
+            ports = free_ports(3) if base_port is None else [base_port + i for i in range(3)]
+            cluster = cls(ClusterConfig.local(ports), config_path)
+            try:
+                cluster._launch(deadline)
+                return cluster
+            except _PortTaken:
+                if base_port is not None or attempt == 2:
+                    raise
+                # Another program took a port we had just found free: choose again.
+        raise AssertionError("unreachable")
+
+    def _locks(self, deadline: float) -> ExitStack:
+        stack = ExitStack()
+        try:
+            keys = [hashlib.sha256(str(self.config_path.resolve()).encode()).hexdigest()[:16]]
+            keys += [f"port-{self.config.address(name)[1]}" for name in SERVER_NAMES]
+            for key in sorted(keys):  # one order for all, so two starts never hold one lock each
+                descriptor = _lock(key, deadline, f"The cluster of {self.config_path}" if len(key) == 16
+                                   else f"Port {key[5:]}")
+                stack.callback(os.close, descriptor)
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
+    def _refuse_to_replace_a_running_cluster(self) -> None:
+        """The cluster file names local servers that another live process started: leave them alone."""
+        if not self.config_path.exists():
+            return
+        try:
+            current = ClusterConfig.load(self.config_path)
+        except ValueError:
+            return  # not a cluster file of ours, e.g. left half-written: replace it
+        elsewhere = [a for a in current.hosts.values() if a.rsplit(":", 1)[0] not in LOCAL_HOSTS]
+        if elsewhere:
+            # stop() deletes the file it wrote: a hand-written list of other machines must survive.
+            raise ClusterError(
+                f"{self.config_path} names servers on other machines ({', '.join(elsewhere)}). To use "
+                "them, call RemoteCluster.join(); to start servers here, move that file away first.")
+        if current != self.config:
+            try:
+                LocalCluster(current, self.config_path)._clear_ports()
+            except _PortTaken:
+                pass  # the file is stale: what holds those ports now is not a cluster of its
 
     def _clear_ports(self) -> None:
         """Stop servers of ours that nobody can use any more; refuse to touch anything else.
@@ -253,42 +237,33 @@ class LocalCluster:
                     f"Cannot start {name}: port {port} is held by {name} of a cluster that process "
                     f"{starter} ({' '.join(psutil.Process(starter).cmdline())[:120]}) started and still "
                     "runs. Stop it there (cluster.stop(), or restart that notebook's kernel), or start "
-                    "this cluster on other ports with LocalCluster.start(base_port=...)."
-                )
+                    "this cluster with another config_path.")
             else:
-                raise ClusterError(
+                raise _PortTaken(
                     f"Cannot start {name}: {describe_port_holder(port, holder)}. Stop that process, "
-                    "or start the cluster on other ports with LocalCluster.start(base_port=...)."
-                )
+                    "or start the cluster on other ports (LocalCluster.start() without base_port "
+                    "chooses free ones).")
 
-    def _refuse_to_overwrite_remote_config(self) -> None:
-        # stop() deletes the file it wrote: a hand-written list of other machines must survive.
-        if not self.config_path.exists():
-            return
-        try:
-            elsewhere = [a for a in ClusterConfig.load(self.config_path).hosts.values()
-                         if a.rsplit(":", 1)[0] not in LOCAL_HOSTS]
-        except ValueError:
-            return  # not a cluster file of ours, e.g. left half-written: replace it
-        if elsewhere:
-            raise ClusterError(
-                f"{self.config_path} names servers on other machines ({', '.join(elsewhere)}). To use "
-                "them, call RemoteCluster.join(); to start servers here, move that file away first.")
-
-    def _launch(self, timeout: float) -> None:
-        self._refuse_to_overwrite_remote_config()
-        self._clear_ports()
-        self.config.save(self.config_path)
-        log_dir = Path(tempfile.mkdtemp(prefix="private-predictions-"))
-        for name in SERVER_NAMES:
-            self._logs[name] = log_dir / f"{name}.log"
-            with open(self._logs[name], "wb") as log:
-                self.processes[name] = start_player(self.config_path, name, log, started_by=os.getpid())
-        try:
-            self.wait_until_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
+    def _launch(self, deadline: float) -> None:
+        with self._locks(deadline):
+            self._refuse_to_replace_a_running_cluster()
+            self._clear_ports()
+            log_dir = Path(tempfile.mkdtemp(prefix="private-predictions-"))
+            # The servers read a copy of their own: a start racing for the same cluster file
+            # can then neither change their ports nor see a file naming servers not yet proven.
+            own_copy = log_dir / "cluster.json"
+            self.config.save(own_copy)
+            try:
+                for name in SERVER_NAMES:
+                    self._logs[name] = log_dir / f"{name}.log"
+                    with open(self._logs[name], "wb") as log:
+                        self.processes[name] = start_player(own_copy, name, log, started_by=os.getpid(),
+                                                            cluster_file=self.config_path.resolve())
+                self._wait_until_ours(deadline)
+                self.config.save(self.config_path)
+            except BaseException:
+                self.stop()
+                raise
 
     def _log_tail(self, name: str, lines: int = 8) -> str:
         try:
@@ -296,23 +271,26 @@ class LocalCluster:
         except OSError:
             return ""
 
-    def wait_until_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
+    def _wait_until_ours(self, deadline: float) -> None:
+        """Wait until each port is held by the very server process started for it."""
         waiting = list(SERVER_NAMES)
         while waiting:
             for name in list(waiting):
-                process = self.processes[name]
+                process, port = self.processes[name], self.config.address(name)[1]
                 if process.poll() is not None:
-                    raise ClusterError(
-                        f"{name} exited with code {process.returncode} while starting:\n"
-                        f"{self._log_tail(name)}"
-                    )
-                if port_is_open(*self.config.address(name)):
+                    holder = who_listens_on(port)
+                    if holder is not None:
+                        raise _PortTaken(f"Cannot start {name}: {describe_port_holder(port, holder)}. "
+                                         "Stop that process, or start the cluster on other ports "
+                                         "(LocalCluster.start() without base_port chooses free ones).")
+                    raise ClusterError(f"{name} exited with code {process.returncode} while starting:\n"
+                                       f"{self._log_tail(name)}")
+                if listens_on(process.pid, port):
                     waiting.remove(name)
             if waiting and time.monotonic() > deadline:
-                raise ClusterError(f"{', '.join(waiting)} did not start listening within {timeout:.0f} s")
+                raise ClusterError(f"{', '.join(waiting)} did not start listening in time")
             if waiting:
-                time.sleep(0.1)
+                time.sleep(SLICE)
 
     @property
     def pids(self) -> Dict[str, int]:
@@ -326,14 +304,17 @@ class LocalCluster:
         for process in self.processes.values():
             if process.poll() is None:
                 process.terminate()
-        for name, process in self.processes.items():
+        for process in self.processes.values():
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout)
-        if self.config_path.exists():
-            self.config_path.unlink()
+        try:
+            if ClusterConfig.load(self.config_path) == self.config:  # not another start's file
+                self.config_path.unlink()
+        except (OSError, ValueError):
+            pass
 
     def __enter__(self):
         return self
@@ -349,6 +330,13 @@ class LocalCluster:
         return f"LocalCluster({state})"
 
 
+class _PortTaken(ClusterError):
+    """Something that is not a server of ours holds a port."""
+
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1")
+
+
 class RemoteCluster:
     """Three servers that run on other machines, each started there with the player command.
 
@@ -360,12 +348,12 @@ class RemoteCluster:
         self.config, self.config_path = config, Path(config_path)
 
     @classmethod
-    def join(cls, config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 60.0) -> "RemoteCluster":
+    def join(cls, config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 60.0, say=print) -> "RemoteCluster":
         """Wait up to ``timeout`` s until every server named in ``config_path`` accepts connections."""
         if not Path(config_path).exists():
             raise FileNotFoundError(f"No cluster configuration at {config_path}: write one naming the three "
-                                    "servers (README: Running the servers on several machines).")
-        return cls(wait_for_servers(config_path, timeout, START_ON_EACH_MACHINE), config_path)
+                                    "servers (docs: several machines).")
+        return cls(wait_for_servers(config_path, timeout, START_ON_EACH_MACHINE, say), config_path)
 
     def alive(self) -> Dict[str, bool]:
         return {name: port_is_open(*self.config.address(name)) for name in SERVER_NAMES}

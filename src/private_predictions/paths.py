@@ -11,3 +11,12 @@ DATA_DIR = REPO_ROOT / "data"
 MODELS_DIR = REPO_ROOT / "models"
 MODEL_PATH = MODELS_DIR / "short-conv-mnist.h5"
 CLUSTER_CONFIG_PATH = REPO_ROOT / "cluster.json"
+
+
+def shown(path) -> str:
+    """``path`` as a reader of the notebooks would name it: relative to the repository if inside it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO_ROOT.resolve()))
+    except ValueError:
+        return str(path)

@@ -4,23 +4,57 @@ Started by :class:`private_predictions.cluster.LocalCluster`, or by hand on each
 machine of a multi-host deployment.
 """
 import argparse
+import contextlib
+import io
 import sys
+from typing import List, Optional
 
-from . import _tf  # noqa: F401  (refuses to start without secure randomness)
-from .config import ClusterConfig
+PLAYER_MODULE = "private_predictions.player"
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m {PLAYER_MODULE}", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="cluster configuration file (JSON)")
+    parser.add_argument("name", help="which server to run: server0, server1 or server2")
+    # Set by LocalCluster, so that a later start can tell an abandoned server of its own.
+    parser.add_argument("--started-by", type=int, metavar="PID", help=argparse.SUPPRESS)
+    parser.add_argument("--cluster-file", metavar="PATH", help=argparse.SUPPRESS)
+    return parser
+
+
+def command(config_path, name: str, python: str = sys.executable, started_by: Optional[int] = None,
+            cluster_file=None) -> List[str]:
+    arguments = [python, "-m", PLAYER_MODULE, str(config_path), name]
+    if started_by is not None:
+        arguments += ["--started-by", str(started_by), "--cluster-file", str(cluster_file)]
+    return arguments
+
+
+def parse_command(arguments: List[str]) -> Optional[argparse.Namespace]:
+    """What a process running this module was told, or None if ``arguments`` do not run it."""
+    try:
+        start = arguments.index("-m")
+    except ValueError:
+        return None
+    if arguments[start + 1:start + 2] != [PLAYER_MODULE]:
+        return None
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse's complaint is not ours to print
+            return parser().parse_args(arguments[start + 2:])
+    except SystemExit:
+        return None
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("config", help="cluster configuration file (JSON)")
-    parser.add_argument("name", help="which server to run: server0, server1 or server2")
-    parser.add_argument("--started-by", type=int, metavar="PID",
-                        help="set by LocalCluster: lets a later start tell an abandoned server of ours")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
+    from . import _tf  # noqa: F401  (refuses to start without secure randomness)
+    from .config import ClusterConfig
+    from .protocol import tfe_config
+
     config = ClusterConfig.load(args.config)
     if args.name not in config.hosts:
         sys.exit(f"{args.name!r} is not in {args.config}; choose one of {list(config.hosts)}")
-    server = config.tfe_config().start_server(args.name, start=True)
+    server = tfe_config(config).start_server(args.name, start=True)
     print(f"{args.name} listening on {config.hosts[args.name]}", flush=True)
     server.join()
 

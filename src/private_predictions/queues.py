@@ -1,99 +1,237 @@
-"""The queues through which clients and the serving side exchange secret shares.
+"""What the clients and the serving side share on the servers: queues, and who is serving.
 
-Each client owns a pair of queues on server0 and server1 (its input shares and its
-output shares), named by a random client id. A shared request queue on server0 only
-says whose input to take next. A client enqueues its two input shares first and its
-id last, so when the serving side sees an id, both shares are already waiting, and
-the result goes back through that client's own queues: no client can receive
-another's prediction, however many query at once.
+Each client owns four queues, named by a random client id: its two input shares (one
+on server0, one on server1) and the two shares of its answer. A serving side, while it
+serves, owns a request queue on server0 of its own, which says whose input to take
+next, and holds the *serving lease*: two variables on server0 naming it and the time
+(server0's clock) of its last heartbeat. Clients read the lease to find the request
+queue, and to notice within seconds when nobody serves any more.
+
+A client puts its two shares in its queues and its request in the request queue in one
+call, the request after both shares; the answer comes back through the client's own
+queues, so no client can receive another's prediction, however many ask at once.
+
+Every call here that may wait (a dequeue) is a traced function, and is cancelled by
+closing its queue; eager remote ops are not used for that, because one eager call
+that blocks on a server holds up every later call from this process to that server.
 """
-import time
+import uuid
+from typing import Tuple
 
-from tensorflow.python.ops import gen_data_flow_ops
+from tensorflow.python.ops import gen_data_flow_ops, gen_resource_variable_ops
 
 from ._tf import tf
 
-REQUEST_QUEUE = "private-predictions/requests"
-HEARTBEAT_QUEUE = "private-predictions/heartbeat"
-HEARTBEAT_INTERVAL = 0.5
+PREFIX = "private-predictions"
 CAPACITY = 64
-# Each poll is one round trip to a server (about 1 ms here); a longer pause would
-# add up to its length to every query's latency.
-MAX_POLL_PAUSE = 0.002
+MAX_BATCH_SIZE = 128
+REQUEST_DTYPES = (tf.string, tf.int64)  # client id, batch size
 
 
 class SharedQueue:
     """A FIFO queue that lives on one server, shared by name between processes.
 
-    tf.queue.FIFOQueue (and tf-encrypted's copy of it) deletes the queue on the server
-    as soon as the Python object holding it is collected, even when other processes
-    still use it by name: one client that exits would delete the request queue for
-    everybody. This handle never deletes the queue; only :meth:`delete` does.
+    tf.queue.FIFOQueue deletes the queue on the server as soon as the Python object
+    holding it is collected, even when other processes still use it by name: one client
+    that exits would delete a queue for everybody. This handle never deletes the queue;
+    only :meth:`delete` does.
     """
 
-    def __init__(self, device: str, shared_name: str, dtype=tf.int64):
-        self.device, self.shared_name, self.dtype = device, shared_name, dtype
+    def __init__(self, device: str, shared_name: str, dtypes=(tf.int64,)):
+        self.device, self.shared_name = device, shared_name
         with tf.device(device):
             # No fixed shape: one queue carries batches of any size.
             self.handle = gen_data_flow_ops.fifo_queue_v2(
-                component_types=[dtype], capacity=CAPACITY, shared_name=shared_name)
-
-    def enqueue(self, value) -> None:
-        with tf.device(self.device):
-            gen_data_flow_ops.queue_enqueue_v2(self.handle, [value])
-
-    def dequeue(self):
-        """Take the oldest item; blocks while the queue is empty, so check :meth:`size` first."""
-        with tf.device(self.device):
-            return gen_data_flow_ops.queue_dequeue_v2(self.handle, [self.dtype])[0]
+                component_types=list(dtypes), capacity=CAPACITY, shared_name=shared_name)
 
     def size(self) -> int:
-        with tf.device(self.device):
-            return int(gen_data_flow_ops.queue_size_v2(self.handle))
+        return int(_size(self.handle))
+
+    def close(self) -> None:
+        """Close the queue: a dequeue waiting on it fails at once, and so does every later enqueue."""
+        _close(self.handle)
 
     def delete(self) -> None:
         with tf.device(self.device):
             tf.raw_ops.DestroyResourceOp(resource=self.handle, ignore_lookup_error=True)
 
 
-def request_queue(protocol) -> SharedQueue:
-    return SharedQueue(protocol.server_0.device_name, REQUEST_QUEUE, dtype=tf.string)
+# Traced once per process, for any queues: the handles are arguments, and each op runs
+# on the server that holds the queue it is given. Each returns a value, so that an
+# error (a closed queue, a lost server) is raised by the call itself.
+@tf.function
+def _size(handle):
+    return gen_data_flow_ops.queue_size_v2(handle)
 
 
-def heartbeat_queue(protocol) -> SharedQueue:
-    """Its size flips between 1 and 2 every HEARTBEAT_INTERVAL while ``SecureModel.serve`` runs.
+@tf.function
+def _close(handle):
+    gen_data_flow_ops.queue_close_v2(handle, cancel_pending_enqueues=True)
+    return gen_data_flow_ops.queue_size_v2(handle)
 
-    A queue's size can be read without taking anything out, so every client can watch
-    the same heartbeat and notice within seconds when the serving side is gone.
-    """
-    return SharedQueue(protocol.server_0.device_name, HEARTBEAT_QUEUE)
+
+@tf.function
+def _sizes(handle0, handle1):
+    return gen_data_flow_ops.queue_size_v2(handle0), gen_data_flow_ops.queue_size_v2(handle1)
+
+
+@tf.function
+def _dequeue_pair(handle0, handle1):
+    return (gen_data_flow_ops.queue_dequeue_v2(handle0, [tf.int64])[0],
+            gen_data_flow_ops.queue_dequeue_v2(handle1, [tf.int64])[0])
+
+
+@tf.function
+def _discard(handle):
+    gen_data_flow_ops.queue_dequeue_v2(handle, [tf.int64])
+    return gen_data_flow_ops.queue_size_v2(handle)
+
+
+@tf.function
+def _reject(output0, output1):
+    # An empty vector where a batch of logits belongs: "refused", for the waiting client.
+    refused = tf.zeros([0], tf.int64)
+    return (gen_data_flow_ops.queue_enqueue_v2(output0, [refused]),
+            gen_data_flow_ops.queue_enqueue_v2(output1, [refused]),
+            gen_data_flow_ops.queue_size_v2(output0))[-1]
+
+
+@tf.function
+def _dequeue_request(handle):
+    return tuple(gen_data_flow_ops.queue_dequeue_v2(handle, list(REQUEST_DTYPES)))
+
+
+@tf.function
+def _send(input0, input1, requests, share0, share1, client_id, batch):
+    enqueued = [gen_data_flow_ops.queue_enqueue_v2(input0, [share0]),
+                gen_data_flow_ops.queue_enqueue_v2(input1, [share1])]
+    # The request goes last: when the serving side reads it, both shares are waiting.
+    with tf.control_dependencies(enqueued):
+        gen_data_flow_ops.queue_enqueue_v2(requests, [client_id, batch])
+        return gen_data_flow_ops.queue_size_v2(requests)
 
 
 class ClientQueues:
     """One client's queues: input and output shares, on server0 and server1."""
 
-    def __init__(self, protocol, client_id: str):
-        self.client_id = client_id
+    def __init__(self, protocol, client_id: str = None):
+        self.client_id = client_id or uuid.uuid4().hex
         devices = (protocol.server_0.device_name, protocol.server_1.device_name)
-        prefix = f"private-predictions/{client_id}"
+        prefix = f"{PREFIX}/clients/{self.client_id}"
         self.inputs = [SharedQueue(d, f"{prefix}/in-{i}") for i, d in enumerate(devices)]
         self.outputs = [SharedQueue(d, f"{prefix}/out-{i}") for i, d in enumerate(devices)]
 
+    def send(self, requests: SharedQueue, share0, share1) -> None:
+        batch = tf.constant(int(share0.shape[0]), tf.int64)
+        _send(self.inputs[0].handle, self.inputs[1].handle, requests.handle,
+              share0, share1, tf.constant(self.client_id), batch)
 
-def wait_until(condition, timeout: float, message: str, max_pause: float = MAX_POLL_PAUSE) -> None:
-    """Poll ``condition`` with a growing pause; raise TimeoutError(message) after ``timeout`` s.
+    def receive(self):
+        """The two shares of the answer; waits until both are there (cancel with :meth:`close_outputs`)."""
+        return _dequeue_pair(self.outputs[0].handle, self.outputs[1].handle)
 
-    Queue ops cannot time out in eager TensorFlow, so every wait here polls sizes
-    instead of blocking in a dequeue that might never return.
+    def inputs_waiting(self) -> bool:
+        size0, size1 = _sizes(self.inputs[0].handle, self.inputs[1].handle)
+        return int(size0) > 0 and int(size1) > 0
+
+    def take_inputs(self):
+        return _dequeue_pair(self.inputs[0].handle, self.inputs[1].handle)
+
+    def discard_inputs(self) -> None:
+        """Throw away the input shares waiting here (a request that is dropped or refused)."""
+        for queue in self.inputs:
+            if queue.size() > 0:
+                _discard(queue.handle)
+
+    def reject(self) -> None:
+        _reject(self.outputs[0].handle, self.outputs[1].handle)
+
+    def close_outputs(self) -> None:
+        for queue in self.outputs:
+            queue.close()
+
+    def all(self):
+        return self.inputs + self.outputs
+
+
+def request_queue(protocol, session: str) -> SharedQueue:
+    return SharedQueue(protocol.server_0.device_name, f"{PREFIX}/requests/{session}", REQUEST_DTYPES)
+
+
+def take_request(requests: SharedQueue) -> Tuple[str, int]:
+    """The next request: (client id, batch size). Waits while there is none; cancel by closing the queue."""
+    client_id, batch = _dequeue_request(requests.handle)
+    return client_id.numpy().decode(errors="replace"), int(batch)
+
+
+NOBODY = ""
+# A serving side whose lease was not renewed for this long is gone.
+SERVING_SILENCE = 5.0
+
+
+class ServingLease:
+    """Who serves this cluster, and how long ago it last said so, kept on server0.
+
+    Ages are measured on server0's clock only, so machines with different clocks agree.
     """
-    deadline = time.monotonic() + timeout
-    pause = 1e-4
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(message)
-        time.sleep(pause)
-        pause = min(pause * 2, max_pause)
 
+    def __init__(self, protocol):
+        device = protocol.server_0.device_name
+        with tf.device(device):
+            self._owner = gen_resource_variable_ops.var_handle_op(
+                dtype=tf.string, shape=[], shared_name=f"{PREFIX}/serving/owner")
+            self._beat = gen_resource_variable_ops.var_handle_op(
+                dtype=tf.float64, shape=[], shared_name=f"{PREFIX}/serving/beat")
+        self._read = tf.function(self._read_on_server)
+        self._claim = tf.function(self._claim_on_server)
+        self._renew = tf.function(self._renew_on_server)
+        self._device = device
 
-def has_items(queue: SharedQueue) -> bool:
-    return queue.size() > 0
+    def _current(self):
+        initialized = gen_resource_variable_ops.var_is_initialized_op(self._owner)
+        owner = tf.cond(initialized, lambda: gen_resource_variable_ops.read_variable_op(self._owner, tf.string),
+                        lambda: tf.constant(NOBODY))
+        beat = tf.cond(initialized, lambda: gen_resource_variable_ops.read_variable_op(self._beat, tf.float64),
+                       lambda: tf.constant(0.0, tf.float64))
+        return owner, tf.timestamp() - beat
+
+    def _read_on_server(self):
+        with tf.device(self._device):
+            return self._current()
+
+    def _write(self, owner, beat):
+        return tf.group(gen_resource_variable_ops.assign_variable_op(self._owner, owner),
+                        gen_resource_variable_ops.assign_variable_op(self._beat, beat))
+
+    def _claim_on_server(self, me, stale_after):
+        with tf.device(self._device):
+            owner, age = self._current()
+            take = tf.reduce_any([tf.equal(owner, NOBODY), age > stale_after, tf.equal(owner, me)])
+            written = tf.cond(take, lambda: self._write(me, tf.timestamp()), tf.no_op)
+            with tf.control_dependencies([written]):
+                return tf.identity(owner), tf.identity(age)
+
+    def _renew_on_server(self, me, release):
+        """Beat if the lease is still ``me``'s (or give it up); return the owner found."""
+        with tf.device(self._device):
+            owner, _ = self._current()
+            new_owner = tf.where(release, tf.constant(NOBODY), me)
+            written = tf.cond(tf.equal(owner, me), lambda: self._write(new_owner, tf.timestamp()), tf.no_op)
+            with tf.control_dependencies([written]):
+                return tf.identity(owner)
+
+    def read(self) -> Tuple[str, float]:
+        """(session of the serving side, or "" if none; seconds since its last beat)."""
+        owner, age = self._read()
+        return owner.numpy().decode(), float(age)
+
+    def claim(self, me: str, stale_after: float) -> Tuple[str, float]:
+        """Take the lease unless a serving side beat within ``stale_after`` s; return what was there."""
+        owner, age = self._claim(tf.constant(me), tf.constant(stale_after, tf.float64))
+        return owner.numpy().decode(), float(age)
+
+    def renew(self, me: str) -> str:
+        return self._renew(tf.constant(me), tf.constant(False)).numpy().decode()
+
+    def release(self, me: str) -> None:
+        self._renew(tf.constant(me), tf.constant(True))

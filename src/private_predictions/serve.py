@@ -10,9 +10,11 @@ import threading
 import time
 from typing import List, NamedTuple, Sequence
 
-from .cluster import RemoteCluster, ServerUnreachableError
+from .cluster import RemoteCluster
 from .model import load_logits_model
-from .serving import connect, share_model
+from .protocol import connect
+from .serving import ServingConflictError, share_model
+from .watch import ServerUnreachableError
 
 
 def main(argv=None) -> None:
@@ -20,17 +22,27 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("config", help="cluster configuration file naming the three servers")
     parser.add_argument("--requests", type=int, default=None, help="stop after this many (default: never)")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for each request")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for each request (default: no limit)")
     args = parser.parse_args(argv)
     model = load_logits_model()
-    protocol = connect(RemoteCluster.join(args.config, args.timeout).config)
+    protocol = connect(RemoteCluster.join(args.config, args.timeout or 3600.0).config)
     start = time.perf_counter()
     secure_model = share_model(model, protocol)
-    print(f"{READY} (model shared in {time.perf_counter() - start:.2f} s)", flush=True)
+    shared_in = time.perf_counter() - start
+    said = []
+
+    def report(line: str) -> None:
+        if not said:  # the first line comes once this side holds the serving lease
+            print(f"{READY} (model shared in {shared_in:.2f} s)", flush=True)
+        said.append(line)
+        print(line, flush=True)
+
     try:
-        secure_model.serve(args.requests, args.timeout, report=lambda line: print(line, flush=True))
-    except ServerUnreachableError as error:
+        secure_model.serve(args.requests, args.timeout, report=report)
+    except (ServerUnreachableError, ServingConflictError) as error:
         sys.exit(f"{STOPPED}: {error}")
+    except KeyboardInterrupt:
+        sys.exit(f"{STOPPED}: interrupted")
 
 
 READY = "serving"

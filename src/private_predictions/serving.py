@@ -1,42 +1,38 @@
 """Server side: secret-share a Keras model across the cluster and serve private queries."""
 import gc
+import re
 import threading
-from typing import Callable, Dict, Optional
+import time
+import uuid
+from collections import OrderedDict
+from typing import Callable, Optional
 
 from ._tf import tf, tfe
-from tf_encrypted.tensor.fixed import FixedpointConfig
-
-from .cluster import ServerWatch
 from .config import ClusterConfig
-from .queues import (HEARTBEAT_INTERVAL, ClientQueues, has_items, heartbeat_queue,
-                     request_queue, wait_until)
+from .data import IMAGE_SHAPE
+from .protocol import connect  # noqa: F401  (part of the model owner's API)
+from .queues import MAX_BATCH_SIZE, NOBODY, SERVING_SILENCE, ClientQueues, ServingLease, request_queue, take_request
+from .waiting import WATCH_INTERVAL, BackgroundCall, bounded, wait_for
+from .watch import ServerUnreachableError, ServerWatch, first_dead_server
 
-MAX_BATCH_SIZE = 128
 # Every batch is padded up to one of these sizes, so the network is traced into a graph
 # at most four times (tracing SecureNN takes seconds), whatever sizes clients send.
 BATCH_BUCKETS = (1, 8, 32, MAX_BATCH_SIZE)
 INPUT_GRACE_SECONDS = 5.0
-RESTART_ADVICE = ("Serving cannot go on: the servers' state, the model's shares included, is lost. "
-                  "Start the servers and share the model again (notebook 02 from the top, or "
-                  "restart the three players and the serve command).")
-# Numbers are encoded as round(x * 3^10) in 64-bit integers: 9 times finer than tf-encrypted's
-# default 3^8, which left logit errors of 0.05. The price is a smaller integer part, |x| <
-# 3^5 = 243; the largest value inside this network on 30,000 MNIST images is 33. (Base 3
-# because interactive truncation divides by the scaling factor modulo 2^64; the 20-bit
-# gap keeps the truncation mask statistically hiding.)
-FIXED_POINT = FixedpointConfig(
-    scaling_base=3, nbits=64, precision_integral=5, precision_fractional=10,
-    matmul_threshold=256, truncation_gap=20, use_noninteractive_truncation=False,
-)
+# How long serving waits for a server whose host went silent to come back: short enough that
+# the serving side still stops, naming it, within 15 s of the outage when it does not.
+OUTAGE_GRACE_SECONDS = 10.0
+QUICK_CALL_SECONDS = 10.0  # a call that returns at once unless a server is silent
+REMEMBERED_CLIENTS = 1000
+CLIENT_ID = re.compile(r"[0-9a-f]{32}")
+RESTART_ADVICE = ("Serving cannot go on. If that server's process died, the servers' state, the "
+                  "model's shares included, is lost: start the servers and share the model again "
+                  "(notebook 02 from the top, or restart the three players and the serve command). If "
+                  "its machine only dropped off the network, serve again once it is back.")
 
 
-def connect(config: ClusterConfig):
-    """Point TF Encrypted at the cluster's three servers and return SecureNN over them."""
-    tfe.set_config(config.tfe_config())
-    config.connect_this_process()
-    protocol = tfe.protocol.SecureNN(fixedpoint_config=FIXED_POINT)
-    tfe.set_protocol(protocol)
-    return protocol
+class ServingConflictError(RuntimeError):
+    """Another serving side already serves this cluster."""
 
 
 class SecureModel:
@@ -45,39 +41,14 @@ class SecureModel:
     def __init__(self, protocol, private_model):
         self.protocol = protocol
         self.private_model = private_model
-        self._clients: Dict[str, ClientQueues] = {}
-        self._requests = request_queue(protocol)
         self.servers = ServerWatch(ClusterConfig(dict(tfe.get_config().hostmap)), RESTART_ADVICE)
-        self._predict_on_shares = tf.function(self._predict_on_shares_eagerly)
-        self._stopped = threading.Event()
-        self._serving = threading.Event()
-        self._heartbeat = threading.Thread(target=self._beat, args=(heartbeat_queue(protocol),),
-                                           name="serving heartbeat", daemon=True)
-        self._heartbeat.start()
+        self._answer_functions = {}
+        self._clients = OrderedDict()
+        self.lease = self._quick(ServingLease, protocol)
 
-    def _beat(self, queue) -> None:
-        # A thread of its own, so the heartbeat goes on while a long batch is computed.
-        while not self._stopped.wait(HEARTBEAT_INTERVAL):
-            if not self._serving.is_set():
-                continue  # a client waiting now is told that nothing serves it
-            try:
-                if queue.size() >= 2:
-                    queue.dequeue()
-                else:
-                    queue.enqueue(tf.constant(0, tf.int64))
-            except tf.errors.OpError:
-                return  # the servers are gone
-
-    def _predict_on_shares_eagerly(self, share0, share1):
-        protocol = self.protocol
-        factory = protocol.tensor_factory
-        with tf.device(protocol.server_0.device_name):
-            x0 = factory.tensor(tf.identity(share0))
-        with tf.device(protocol.server_1.device_name):
-            x1 = factory.tensor(tf.identity(share1))
-        x = tfe.protocol.pond.PondPrivateTensor(protocol, x0, x1, True)
-        y0, y1 = self.private_model(x).unwrapped
-        return y0.value, y1.value
+    def _quick(self, function, *args):
+        return bounded(function, *args, timeout=QUICK_CALL_SECONDS, watches=[self.servers.check],
+                       message=f"The servers did not answer within {QUICK_CALL_SECONDS:.0f} s.")
 
     def weight_shares(self, layer: int = 0):
         """What server0 and server1 hold of one layer's kernel, as fixed-point integers.
@@ -88,96 +59,61 @@ class SecureModel:
         share0, share1 = self.private_model.layers[layer].weights[0].unwrapped
         return share0.read_value().value.numpy(), share1.read_value().value.numpy()
 
+    def _answer_function(self, bucket: int):
+        """One traced computation per bucket: take the shares, check them, compute, answer."""
+        if bucket not in self._answer_functions:
+            self._answer_functions[bucket] = tf.function(
+                lambda *args: self._answer_on_servers(bucket, *args))
+        return self._answer_functions[bucket]
+
+    def _answer_on_servers(self, bucket, input0, input1, output0, output1, batch):
+        protocol = self.protocol
+        factory = protocol.tensor_factory
+        from tensorflow.python.ops import gen_data_flow_ops as queue_ops
+
+        expected = tf.concat([[batch], tf.constant(IMAGE_SHAPE, tf.int64)], axis=0)
+        shares = []
+        for input_queue, server in ((input0, protocol.server_0), (input1, protocol.server_1)):
+            with tf.device(server.device_name):
+                share = queue_ops.queue_dequeue_v2(input_queue, [tf.int64])[0]
+                # Anything on the network can write into these queues: a share that is not a
+                # batch of images fails this request here, before any secure computation.
+                check = tf.debugging.assert_equal(tf.shape(share, out_type=tf.int64), expected,
+                                                  message="shares of the wrong shape")
+                with tf.control_dependencies([check]):
+                    # Zero rows are valid shares of zero images: both servers pad alike, each
+                    # its own share, and the extra rows are dropped before answering.
+                    padded = tf.pad(share, [[0, bucket - batch], [0, 0], [0, 0], [0, 0]])
+                    shares.append(factory.tensor(tf.reshape(padded, (bucket,) + IMAGE_SHAPE)))
+        x = tfe.protocol.pond.PondPrivateTensor(protocol, shares[0], shares[1], True)
+        y0, y1 = self.private_model(x).unwrapped
+        with tf.device(protocol.server_0.device_name):
+            answered0 = queue_ops.queue_enqueue_v2(output0, [y0.value[:batch]])
+        with tf.device(protocol.server_1.device_name):
+            answered1 = queue_ops.queue_enqueue_v2(output1, [y1.value[:batch]])
+        with tf.control_dependencies([answered0, answered1]):
+            return tf.constant(True)
+
     def _queues_of(self, client_id: str) -> ClientQueues:
-        if client_id not in self._clients:
-            self._clients[client_id] = ClientQueues(self.protocol, client_id)
+        if client_id in self._clients:
+            self._clients.move_to_end(client_id)
+        else:
+            self._clients[client_id] = self._quick(ClientQueues, self.protocol, client_id)
+            if len(self._clients) > REMEMBERED_CLIENTS:
+                self._clients.popitem(last=False)
         return self._clients[client_id]
 
-    def serve_one(self, timeout: float = 120.0) -> int:
-        """Wait for one request, answer it on the shares, and return its batch size.
-
-        Raises ServerUnreachableError, naming the server, as soon as one is gone.
-        """
-        with self.servers.explaining_failures():
-            return self._serve_one(timeout)
-
-    def _request_waiting(self) -> bool:
-        # Waiting touches server0 only: a dead server1 or server2 must not go unnoticed.
-        self.servers.check_if_due()
-        return has_items(self._requests)
-
-    def _serve_one(self, timeout: float) -> int:
-        wait_until(self._request_waiting, timeout,
-                   f"No private query arrived within {timeout:.0f} s. Run the client "
-                   "(notebooks/03_private_prediction.ipynb) while this one serves.")
-        client_id = self._requests.dequeue().numpy().decode()
-        queues = self._queues_of(client_id)
-        # A client's enqueues reach server0 and server1 independently (TF sends remote
-        # ops without waiting), so its id can arrive before its share on server1; and a
-        # client killed mid-send never completes it. Wait briefly, then give up on it.
-        try:
-            wait_until(lambda: all(has_items(q) for q in queues.inputs), INPUT_GRACE_SECONDS,
-                       "incomplete request")
-        except TimeoutError:
-            self._drop_incomplete(queues)
-            return 0
-        share0, share1 = (queue.dequeue() for queue in queues.inputs)
-        batch = int(share0.shape[0])
-        bucket = next(size for size in BATCH_BUCKETS if size >= batch)
-        # Zero rows are valid shares of zero images: both servers pad their share alike,
-        # each on its own device, and the extra rows are dropped before answering.
-        padding = [[0, bucket - batch], [0, 0], [0, 0], [0, 0]]
-        with tf.device(self.protocol.server_0.device_name):
-            share0 = tf.pad(share0, padding)
-        with tf.device(self.protocol.server_1.device_name):
-            share1 = tf.pad(share1, padding)
-        out0, out1 = self._predict_on_shares(share0, share1)
-        with tf.device(self.protocol.server_0.device_name):
-            queues.outputs[0].enqueue(out0[:batch])
-        with tf.device(self.protocol.server_1.device_name):
-            queues.outputs[1].enqueue(out1[:batch])
-        return batch
-
-    @staticmethod
-    def _drop_incomplete(queues: ClientQueues) -> None:
-        for queue in queues.inputs:
-            if has_items(queue):
-                queue.dequeue()
-
-    def serve(self, num_requests: Optional[int], timeout: float = 120.0,
+    def serve(self, num_requests: Optional[int], timeout: Optional[float] = 120.0,
               report: Optional[Callable[[str], None]] = print) -> None:
         """Answer ``num_requests`` private queries, waiting at most ``timeout`` s for each.
 
-        ``num_requests=None`` serves until interrupted, however long the quiet spells.
-        Returns once every client has collected its results, so the servers can be
-        stopped right after without cutting off a client. The heartbeat that clients
-        watch beats only while this runs.
+        ``num_requests=None`` serves until interrupted, and ``timeout=None`` waits for each
+        request however long it takes. Refuses at once if another serving side serves this
+        cluster. Returns once every client has collected its results, so the servers can be
+        stopped right after without cutting off a client.
         """
-        report = report or (lambda line: None)
-        of_total = "" if num_requests is None else f"/{num_requests}"
-        self._serving.set()
-        try:
-            number = 0
-            while num_requests is None or number < num_requests:
-                try:
-                    batch = self.serve_one(timeout)
-                except TimeoutError:
-                    if num_requests is None:
-                        continue
-                    raise
-                number += 1
-                if batch == 0:
-                    report(f"Request {number}{of_total}: dropped, its client vanished while sending it")
-                else:
-                    images = "image" if batch == 1 else "images"
-                    report(f"Request {number}{of_total}: answered a private batch of {batch} {images}")
-            try:
-                with self.servers.explaining_failures():
-                    wait_until(self._all_results_collected, timeout, "")
-            except TimeoutError:
-                report(f"Some results were not collected within {timeout:.0f} s: their clients are gone.")
-        finally:
-            self._serving.clear()
+        with _Session(self, report or (lambda line: None)) as session:
+            session.run(num_requests, timeout)
 
     def close(self) -> None:
         """Delete the weight shares from the servers; the model cannot serve afterwards.
@@ -185,14 +121,217 @@ class SecureModel:
         Call it before stopping the servers: otherwise Python deletes the shares only
         when it exits, after the servers are gone, and complains on the way out.
         """
-        self._stopped.set()
-        self._heartbeat.join()
         self.private_model = None
-        self._predict_on_shares = None
+        self._answer_functions.clear()
         gc.collect()
 
-    def _all_results_collected(self) -> bool:
-        return not any(has_items(q) for c in self._clients.values() for q in c.outputs)
+
+class _Session:
+    """One run of :meth:`SecureModel.serve`: its lease, its request queue, its requests set aside."""
+
+    def __init__(self, model: SecureModel, report: Callable[[str], None]):
+        self.model, self.report = model, report
+        self.id = uuid.uuid4().hex
+        self.pending = []  # requests whose shares had not all arrived: (client id, batch, give up at)
+        self._incoming: Optional[BackgroundCall] = None
+        self._stopped = threading.Event()
+        self._taken_over = None
+        self.answered = set()
+
+    def __enter__(self):
+        model = self.model
+        owner, age = model._quick(model.lease.read)
+        stale_after = SERVING_SILENCE
+        if owner != NOBODY and age <= SERVING_SILENCE:
+            # A live serving side renews its lease twice a second; one killed a moment ago does not.
+            time.sleep(2 * WATCH_INTERVAL)
+            later_owner, later_age = model._quick(model.lease.read)
+            if later_owner != owner or later_age < age:
+                raise self._conflict(later_age)
+            stale_after = 2 * WATCH_INTERVAL
+        owner, age = model._quick(model.lease.claim, self.id, stale_after)
+        if owner not in (NOBODY, self.id) and age <= stale_after:
+            raise self._conflict(age)
+        self.requests = model._quick(request_queue, model.protocol, self.id)
+        self._heartbeat = threading.Thread(target=self._beat, name="serving heartbeat", daemon=True)
+        self._heartbeat.start()
+        try:
+            # Two sides that claimed at the same moment: the one whose claim landed last keeps
+            # the lease, and the other learns it at its first beat, before taking any request.
+            time.sleep(WATCH_INTERVAL)
+            self.check_lease()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    @staticmethod
+    def _conflict(age: float) -> ServingConflictError:
+        return ServingConflictError(
+            f"Another serving side already serves this cluster (it renewed its lease {age:.1f} s ago), "
+            "and two would compete for the same requests. Stop it first (interrupt its serve cell or "
+            "end its serve command), or use it as it is.")
+
+    def _beat(self) -> None:
+        # A thread of its own, so the lease is renewed while a long batch is computed.
+        while not self._stopped.wait(WATCH_INTERVAL):
+            try:
+                owner = self.model.lease.renew(self.id)
+            except tf.errors.OpError:
+                return  # the server is gone: the main thread's watch says which
+            if owner != self.id:
+                self._taken_over = owner
+                return
+
+    def check_lease(self) -> None:
+        self.model.servers.check()
+        if self._taken_over is not None:
+            raise ServingConflictError("Another serving side took over this cluster; this one stops. "
+                                       "Keep one serving side per cluster.")
+
+    def __exit__(self, *exc):
+        self._stopped.set()
+        for step in (self.requests.close, lambda: self.model.lease.release(self.id)):
+            try:  # clients waiting on this side learn at once that it stopped
+                bounded(step, timeout=2.0, message="")
+            except (tf.errors.OpError, TimeoutError, AttributeError):
+                pass  # a server is gone: clients will notice that too
+        self._heartbeat.join(2.0)
+
+    def run(self, num_requests: Optional[int], timeout: Optional[float]) -> None:
+        of_total = "" if num_requests is None else f"/{num_requests}"
+        how_many = "until interrupted" if num_requests is None else f"{num_requests} queries"
+        how_long = "" if timeout is None else f", waiting up to {timeout:.0f} s for each"
+        self.report(f"Serving {how_many}{how_long}: run notebooks/03_private_prediction.ipynb now.")
+        number = 0
+        while num_requests is None or number < num_requests:
+            try:
+                outcome = self._next(timeout)
+            except ServerUnreachableError as error:
+                self._ride_out(error)
+                continue
+            number += 1
+            self.report(f"Request {number}{of_total}: {outcome}")
+        self._wait_until_collected(timeout)
+
+    def _ride_out(self, error: ServerUnreachableError) -> None:
+        """Go on serving if a server that went silent answers again within the grace; else raise ``error``.
+
+        A query in flight during the outage may be lost (its client was told); the
+        servers' state, the model's shares included, is intact once the host is back.
+        """
+        if not error.silent:
+            raise error
+        self.report(f"{error.name} is not answering (its host went silent); waiting up to "
+                    f"{OUTAGE_GRACE_SECONDS:.0f} s for it to come back...")
+        deadline = time.monotonic() + OUTAGE_GRACE_SECONDS
+        while first_dead_server(self.model.servers.config) is not None:
+            if time.monotonic() > deadline:
+                raise error
+            time.sleep(0.2)
+        self.report(f"{error.name} answers again: serving goes on.")
+
+    def _next(self, timeout: Optional[float]) -> str:
+        """Take requests until one is answered, refused or dropped; say what happened to it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for entry in list(self.pending):
+                outcome = self._take(*entry)
+                if outcome is not None:
+                    self.pending.remove(entry)
+                    return outcome
+            if self._incoming is None:
+                self._incoming = BackgroundCall(take_request, self.requests, name="waiting for a request")
+            wait = 0.05 if self.pending else None
+            if deadline is not None:
+                wait = max(0.0, deadline - time.monotonic()) if wait is None else wait
+            try:
+                client_id, batch = wait_for(self._incoming, wait, "", watches=[self.check_lease])
+            except TimeoutError:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"No private query arrived within {timeout:.0f} s. Run the client "
+                                       "(notebooks/03_private_prediction.ipynb) while this one serves.") from None
+                continue
+            except tf.errors.OpError as error:
+                raise self.model.servers.explain(error) from None
+            finally:
+                if self._incoming is not None and self._incoming.done():
+                    self._incoming = None
+            outcome = self._take(client_id, batch, time.monotonic() + INPUT_GRACE_SECONDS)
+            if outcome is not None:
+                return outcome
+            self.pending.append((client_id, batch, time.monotonic() + INPUT_GRACE_SECONDS))
+
+    def _take(self, client_id: str, batch: int, give_up_at: float) -> Optional[str]:
+        """What happened to this request, or None while its shares have not all arrived.
+
+        A client's two shares reach server0 and server1 before its request does, but
+        anything on the network can put a request in the queue with nothing behind it:
+        such a request waits aside, and the complete ones behind it go first.
+        """
+        try:
+            problem = self._problem_with(client_id, batch)
+            if problem:
+                return f"refused, {problem}"
+            if self._inputs_waiting(client_id):
+                return self._answer(client_id, batch)
+            if time.monotonic() > give_up_at:
+                self._drop_inputs(client_id)
+                return f"dropped, its shares did not arrive within {INPUT_GRACE_SECONDS:.0f} s (its client vanished?)"
+            return None
+        except tf.errors.OpError as error:  # e.g. queues of that name made by someone else, unlike ours
+            return f"refused ({error.message.splitlines()[0][:200]})"
+
+    def _problem_with(self, client_id: str, batch: int) -> Optional[str]:
+        if not CLIENT_ID.fullmatch(client_id):
+            return "its client id is not one this series makes"
+        if not 1 <= batch <= MAX_BATCH_SIZE:
+            self._refuse(client_id)
+            return f"it announced a batch of {batch} images (1 to {MAX_BATCH_SIZE} are served)"
+        return None
+
+    def _inputs_waiting(self, client_id: str) -> bool:
+        return self._call(self.model._queues_of(client_id).inputs_waiting)
+
+    def _drop_inputs(self, client_id: str) -> None:
+        self._call(self.model._queues_of(client_id).discard_inputs)
+
+    def _refuse(self, client_id: str) -> None:
+        """Tell the waiting client that its request was refused (it raises, instead of waiting)."""
+        self._drop_inputs(client_id)
+        self._call(self.model._queues_of(client_id).reject)
+
+    def _call(self, function, *args):
+        try:
+            return wait_for(BackgroundCall(function, *args), None, "", watches=[self.check_lease])
+        except tf.errors.OpError as error:
+            raise self.model.servers.explain(error) from None
+
+    def _answer(self, client_id: str, batch: int) -> str:
+        queues = self.model._queues_of(client_id)
+        bucket = next(size for size in BATCH_BUCKETS if size >= batch)
+        answer = self.model._answer_function(bucket)
+        handles = [q.handle for q in queues.inputs + queues.outputs]
+        try:
+            self._call(answer, *handles, tf.constant(batch, tf.int64))
+        except tf.errors.InvalidArgumentError:
+            self._refuse(client_id)
+            return f"refused, its shares are not a batch of {batch} images of shape {IMAGE_SHAPE}"
+        except tf.errors.OpError as error:  # one request's failure; the service goes on
+            self._refuse(client_id)
+            return f"failed ({error.message.splitlines()[0][:200]})"
+        self.answered.add(client_id)
+        images = "image" if batch == 1 else "images"
+        return f"answered a private batch of {batch} {images}"
+
+    def _wait_until_collected(self, timeout: Optional[float]) -> None:
+        deadline = time.monotonic() + (timeout or 120.0)
+        clients = [self.model._queues_of(client_id) for client_id in self.answered]
+        while any(self._call(lambda c=c: c.outputs[0].size() + c.outputs[1].size()) for c in clients):
+            if time.monotonic() > deadline:
+                self.report("Some results were not collected in time: their clients are gone.")
+                return
+            time.sleep(0.05)
 
 
 def share_model(keras_model, protocol) -> SecureModel:
