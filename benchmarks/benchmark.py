@@ -7,7 +7,10 @@ Every process it starts is stopped before it exits.
 """
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,8 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from private_predictions import LocalCluster, PrivateClient, load_logits_model, load_mnist
-from private_predictions.ports import find_free_base_port
-from private_predictions.serve import start_serving_process
+from private_predictions.tooling import start_serving_process
 from private_predictions._tf import tf
 from private_predictions.queues import MAX_BATCH_SIZE
 
@@ -24,12 +26,33 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BATCH_SIZES = (1, 8, 32, MAX_BATCH_SIZE)
 
 
-def peak_rss_bytes(pid: int) -> int:
-    """The kernel's high-water mark of the process's resident memory (VmHWM)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM for process {pid}")
+sys.path.insert(0, str(Path(__file__).parent))
+from anchors import peak_rss_bytes  # noqa: E402
+
+ANCHORS = Path(__file__).parent / "anchors.py"
+ANCHOR_QUERIES = 40
+
+
+def anchor(role: str, config_path: Path) -> dict:
+    """Run one of anchors.py's measurements on the running cluster; return what it printed last."""
+    lines = subprocess.run([sys.executable, str(ANCHORS), role, str(config_path), str(ANCHOR_QUERIES)],
+                           capture_output=True, text=True, timeout=900, check=True).stdout.splitlines()
+    return json.loads(lines[-1])
+
+
+def stock_tfe_serving(config_path: Path) -> dict:
+    """tf-encrypted's own QueueServer and QueueClient, at batch 1, each in a process of its own."""
+    server = subprocess.Popen([sys.executable, str(ANCHORS), "stock-serve", str(config_path), str(ANCHOR_QUERIES)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert server.stdout.readline().startswith("serving")
+        result = anchor("stock-query", config_path)
+        result["serving_peak_rss_bytes"] = json.loads(server.stdout.readline())["peak_rss_bytes"]
+        server.wait(60)
+    finally:
+        server.kill()
+        server.wait(10)
+    return result
 
 
 def loopback_bytes() -> int:
@@ -64,9 +87,12 @@ def main(argv=None):
     plaintext_model = load_logits_model()
     plaintext_call = tf.function(lambda x: plaintext_model(x))
     results = {"machine": {"python": platform.python_version(), "tensorflow": tf.__version__,
-                           "cpus": len(__import__("os").sched_getaffinity(0))}}
+                           "cpus": len(os.sched_getaffinity(0))}}
 
-    with LocalCluster.start(base_port=find_free_base_port(), config_path=output / "cluster.json") as cluster:
+    with LocalCluster.start(config_path=output / "cluster.json") as cluster:
+        print("measuring tf-encrypted's own serving, and the secure computation alone ...", flush=True)
+        results["stock_tfe_serving"] = stock_tfe_serving(cluster.config_path)
+        results["compute_only"] = anchor("compute-only", cluster.config_path)
         serving, results["secure_model_seconds"], _, _ = start_serving_process(cluster.config_path)
         try:
             client = PrivateClient.connect(cluster.config_path, timeout=60)
@@ -89,6 +115,14 @@ def main(argv=None):
                 }
                 results["batch1"]["ratio"] = (results["batch1"]["private_median_ms"]
                                               / results["batch1"]["plaintext_median_ms"])
+                results["ratios"] = {
+                    "batch1_series_over_stock_tfe": (results["batch1"]["private_median_ms"]
+                                                     / results["stock_tfe_serving"]["batch1_median_ms"]),
+                    "batch1_end_to_end_over_compute_only": (results["batch1"]["private_median_ms"]
+                                                            / results["compute_only"]["batch1_median_ms"]),
+                    "batch1_end_to_end_minus_compute_only_ms": (results["batch1"]["private_median_ms"]
+                                                                - results["compute_only"]["batch1_median_ms"]),
+                }
 
                 results["throughput"] = []
                 for batch in BATCH_SIZES:
@@ -126,7 +160,7 @@ def main(argv=None):
             }
             results["peak_rss_bytes"] = {name: peak_rss_bytes(pid) for name, pid in cluster.pids.items()}
             results["peak_rss_bytes"]["model owner (serving)"] = peak_rss_bytes(serving.pid)
-            results["peak_rss_bytes"]["client"] = peak_rss_bytes(__import__("os").getpid())
+            results["peak_rss_bytes"]["client"] = peak_rss_bytes(os.getpid())
         finally:
             serving.kill()
             serving.wait(10)
@@ -138,8 +172,18 @@ def main(argv=None):
 
 
 def table(results) -> str:
-    b1, ts = results["batch1"], results["test_set"]
+    b1, ts, ratios = results["batch1"], results["test_set"], results["ratios"]
+    stock, compute = results["stock_tfe_serving"], results["compute_only"]
+    b32 = next(row for row in results["throughput"] if row["batch"] == 32)
     lines = [
+        f"batch 1, series / stock tf-encrypted serving: {ratios['batch1_series_over_stock_tfe']:.2f} "
+        f"({b1['private_median_ms']:.1f} ms / {stock['batch1_median_ms']:.1f} ms, same servers, same run)",
+        f"batch 1, end to end / compute only: {ratios['batch1_end_to_end_over_compute_only']:.2f} "
+        f"(+{ratios['batch1_end_to_end_minus_compute_only_ms']:.1f} ms over {compute['batch1_median_ms']:.1f} ms)",
+        f"batch 32 per image, end to end / compute only: "
+        f"{1000 / b32['images_per_second'] / (compute['batch32_median_ms'] / 32):.2f} "
+        f"({1000 / b32['images_per_second']:.1f} ms / {compute['batch32_median_ms'] / 32:.1f} ms)",
+        "",
         f"batch-1 latency: private median {b1['private_median_ms']:.1f} ms, p95 {b1['private_p95_ms']:.1f} ms; "
         f"plaintext median {b1['plaintext_median_ms']:.2f} ms; ratio {b1['ratio']:.0f}x ({b1['queries']} queries)",
         f"time to secure the model (share its weights across the servers): {results['secure_model_seconds']:.2f} s",
@@ -156,7 +200,10 @@ def table(results) -> str:
         f"argmax agreement {ts['argmax_agreement']:.2%}; max |logit error| {ts['max_abs_logit_error']:.4f}",
         "peak resident memory: " + ", ".join(f"{name} {rss / 2**30:.2f} GiB"
                                             for name, rss in results["peak_rss_bytes"].items()),
-        f"all processes together: {sum(results['peak_rss_bytes'].values()) / 2**30:.2f} GiB",
+        f"all processes together: {sum(results['peak_rss_bytes'].values()) / 2**30:.2f} GiB "
+        f"(the anchors ran before, in processes of their own: stock serving "
+        f"{stock['serving_peak_rss_bytes'] / 2**30:.2f} GiB, stock client {stock['peak_rss_bytes'] / 2**30:.2f} GiB, "
+        f"compute only {compute['peak_rss_bytes'] / 2**30:.2f} GiB)",
     ]
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ from tensorflow.python.ops import gen_data_flow_ops
 
 from private_predictions import LocalCluster, PrivateClient
 from private_predictions.ports import find_free_base_port
-from private_predictions.serve import start_serving_process
+from private_predictions.tooling import start_serving_process
 
 
 @pytest.fixture(scope="session")

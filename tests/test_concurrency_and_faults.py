@@ -12,7 +12,7 @@ from private_predictions import LocalCluster, PrivateClient, connect, load_logit
 from private_predictions.client import ServingStoppedError
 from private_predictions.ports import find_free_base_port
 from private_predictions.watch import ServerUnreachableError
-from private_predictions.serve import start_serving_process
+from private_predictions.tooling import start_serving_process
 from conftest import send_by_hand
 
 CLIENTS, QUERIES = 4, 25

@@ -1,6 +1,5 @@
 """Starts that race, interrupts, malformed requests and stopped servers: each ends clearly, in bounded time."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,13 +11,13 @@ import psutil
 import pytest
 
 from conftest import send_by_hand, stop
-from private_predictions import (LocalCluster, PrivateClient, RequestRefusedError, ServingConflictError,
+from private_predictions import (PrivateClient, RequestRefusedError, ServingConflictError,
                                  ServingStoppedError, connect, load_logits_model, load_mnist, share_model)
 from private_predictions import client as client_module
 from private_predictions import player
 from private_predictions.ports import find_free_base_port, listens_on
 from private_predictions.waiting import bounded
-from private_predictions.serve import start_serving_process
+from private_predictions.tooling import start_serving_process
 from private_predictions.watch import ServerUnreachableError
 
 # One process of a race: start at the agreed moment, say how it went, keep a won cluster until stdin closes.

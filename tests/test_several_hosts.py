@@ -11,7 +11,7 @@ from netns import NamespacesUnavailable, VirtualNetwork
 from private_predictions import load_logits_model, load_mnist
 from private_predictions.cluster import start_player
 from private_predictions.config import SERVER_NAMES, ClusterConfig
-from private_predictions.serve import start_serving_process
+from private_predictions.tooling import start_serving_process
 
 HOSTS = (*SERVER_NAMES, "owner", "client")
 PORT = 4440  # the same on every host, as on real machines

@@ -125,13 +125,13 @@ class PrivateClient:
         """Find the request queue of the side that serves now, waiting for one until ``deadline``."""
         owner, age = self._quick(self.lease.read)
         if owner != NOBODY and age <= SERVING_SILENCE:
-            if owner != self._session:
+            if owner != self._session or self._requests is None:
                 self._requests = self._quick(request_queue, self.protocol, owner)
                 self._session = owner
             return
         if self._session != NOBODY:
             # It served this client before: no one waits two minutes to learn that it stopped.
-            self._session = NOBODY
+            self._session, self._requests = NOBODY, None
             raise ServingStoppedError(f"The serving side stopped after its last answer. {SERVE_AGAIN}")
         self.say(f"Waiting up to {max(0, deadline - time.monotonic()):.0f} s for the model to be served "
                  "(the serve cell of notebooks/02_secure_serving.ipynb)...")
@@ -148,6 +148,7 @@ class PrivateClient:
         """Raise ServingStoppedError if the side this client asked no longer serves."""
         owner, age = self._quick(self.lease.read)
         if owner != self._session or age > SERVING_SILENCE:
+            self._requests = None  # the next query looks for the side that serves then
             why = "it stopped" if owner in (NOBODY, self._session) else "another serving side replaced it"
             raise ServingStoppedError(f"The serving side stopped ({why}) before answering. {SERVE_AGAIN}")
 
@@ -156,15 +157,7 @@ class PrivateClient:
         share0, share1 = self.share(validate_images(images))
         deadline = time.monotonic() + timeout
         try:
-            self._serving_side(deadline)
-            if self.queues is None:
-                self.queues = self._quick(ClientQueues, self.protocol)
-            try:
-                self._quick(self.queues.send, self._requests, share0, share1)
-            except tf.errors.OpError:
-                self.servers.check()
-                raise ServingStoppedError(f"The serving side stopped before taking the query. {SERVE_AGAIN}") \
-                    from None
+            self._send(share0, share1, deadline)
             answer = BackgroundCall(self.queues.receive, name="waiting for an answer")
             output0, output1 = wait_for(
                 answer, max(0.0, deadline - time.monotonic()),
@@ -184,13 +177,39 @@ class PrivateClient:
                                       "this client's queues were not a batch of images.")
         return self.reconstruct(output0, output1)
 
+    def _send(self, share0, share1, deadline: float) -> None:
+        """Put the shares and the request in the queues of the side that serves now.
+
+        The serving side found before is asked again without looking it up; if it has
+        stopped, its request queue is closed and the send fails at once: then look again.
+        """
+        if self._requests is None:
+            self._serving_side(deadline)
+        if self.queues is None:
+            self.queues = self._quick(ClientQueues, self.protocol)
+        try:
+            self._quick(self.queues.send, self._requests, share0, share1)
+            return
+        except tf.errors.OpError:
+            self.servers.check()
+            self._abandon_queues()  # the shares may be in them, with no request behind them
+        session = self._session
+        self._requests = None
+        self._serving_side(deadline)  # raises ServingStoppedError if nothing serves now
+        if self._session == session:
+            raise ServingStoppedError(f"The serving side stopped before taking the query. {SERVE_AGAIN}")
+        self.queues = self._quick(ClientQueues, self.protocol)
+        self._quick(self.queues.send, self._requests, share0, share1)
+
     def _abandon_queues(self) -> None:
         """Leave this client's queues after a failed query, without a call that could fail anew.
 
         Their late answer must never be taken for the next query's, so the next query uses
         fresh queues. Closing them ends a dequeue still waiting there, if the server is up.
+        The serving side may have changed too (it stopped, or another one took over).
         """
         queues, self.queues = self.queues, None
+        self._requests = None  # and the next query asks the lease who serves now
         if queues is not None:
             try:
                 bounded(queues.close_outputs, timeout=1.0, message="")

@@ -71,11 +71,6 @@ def _close(handle):
 
 
 @tf.function
-def _sizes(handle0, handle1):
-    return gen_data_flow_ops.queue_size_v2(handle0), gen_data_flow_ops.queue_size_v2(handle1)
-
-
-@tf.function
 def _dequeue_pair(handle0, handle1):
     return (gen_data_flow_ops.queue_dequeue_v2(handle0, [tf.int64])[0],
             gen_data_flow_ops.queue_dequeue_v2(handle1, [tf.int64])[0])
@@ -129,13 +124,6 @@ class ClientQueues:
     def receive(self):
         """The two shares of the answer; waits until both are there (cancel with :meth:`close_outputs`)."""
         return _dequeue_pair(self.outputs[0].handle, self.outputs[1].handle)
-
-    def inputs_waiting(self) -> bool:
-        size0, size1 = _sizes(self.inputs[0].handle, self.inputs[1].handle)
-        return int(size0) > 0 and int(size1) > 0
-
-    def take_inputs(self):
-        return _dequeue_pair(self.inputs[0].handle, self.inputs[1].handle)
 
     def discard_inputs(self) -> None:
         """Throw away the input shares waiting here (a request that is dropped or refused)."""

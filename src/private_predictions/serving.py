@@ -7,11 +7,13 @@ import uuid
 from collections import OrderedDict
 from typing import Callable, Optional
 
+from tensorflow.python.ops import gen_data_flow_ops as queue_ops
+
 from ._tf import tf, tfe
 from .config import ClusterConfig
 from .data import IMAGE_SHAPE
-from .protocol import connect  # noqa: F401  (part of the model owner's API)
 from .queues import MAX_BATCH_SIZE, NOBODY, SERVING_SILENCE, ClientQueues, ServingLease, request_queue, take_request
+from .value_range import fitting
 from .waiting import WATCH_INTERVAL, BackgroundCall, bounded, wait_for
 from .watch import ServerUnreachableError, ServerWatch, first_dead_server
 
@@ -38,9 +40,11 @@ class ServingConflictError(RuntimeError):
 class SecureModel:
     """A Keras model whose weights exist only as secret shares on the servers."""
 
-    def __init__(self, protocol, private_model):
+    def __init__(self, protocol, private_model, value_bound: float, divisor: int = 1):
         self.protocol = protocol
         self.private_model = private_model
+        self.value_bound = value_bound  # proven: no value inside the network is larger, for any image
+        self.divisor = divisor  # the servers compute every value divided by this (value_range.fitting)
         self.servers = ServerWatch(ClusterConfig(dict(tfe.get_config().hostmap)), RESTART_ADVICE)
         self._answer_functions = {}
         self._clients = OrderedDict()
@@ -67,11 +71,23 @@ class SecureModel:
         return self._answer_functions[bucket]
 
     def _answer_on_servers(self, bucket, input0, input1, output0, output1, batch):
+        """True once answered; False, at once, if the client's two shares are not both there yet."""
+        protocol = self.protocol
+        waiting = []
+        for input_queue, server in ((input0, protocol.server_0), (input1, protocol.server_1)):
+            with tf.device(server.device_name):
+                waiting.append(queue_ops.queue_size_v2(input_queue) > 0)
+        # Decided on server0, so that the computation starts without a round trip to this process.
+        with tf.device(protocol.server_0.device_name):
+            return tf.cond(tf.logical_and(*waiting),
+                           lambda: self._compute(bucket, input0, input1, output0, output1, batch),
+                           lambda: tf.constant(False))
+
+    def _compute(self, bucket, input0, input1, output0, output1, batch):
         protocol = self.protocol
         factory = protocol.tensor_factory
-        from tensorflow.python.ops import gen_data_flow_ops as queue_ops
-
-        expected = tf.concat([[batch], tf.constant(IMAGE_SHAPE, tf.int64)], axis=0)
+        with tf.device(protocol.server_0.device_name):
+            expected = tf.concat([[batch], tf.constant(IMAGE_SHAPE, tf.int64)], axis=0)
         shares = []
         for input_queue, server in ((input0, protocol.server_0), (input1, protocol.server_1)):
             with tf.device(server.device_name):
@@ -87,11 +103,12 @@ class SecureModel:
                     shares.append(factory.tensor(tf.reshape(padded, (bucket,) + IMAGE_SHAPE)))
         x = tfe.protocol.pond.PondPrivateTensor(protocol, shares[0], shares[1], True)
         y0, y1 = self.private_model(x).unwrapped
+        # Multiplying each share by a public whole number is exact and needs no message.
         with tf.device(protocol.server_0.device_name):
-            answered0 = queue_ops.queue_enqueue_v2(output0, [y0.value[:batch]])
+            answered0 = queue_ops.queue_enqueue_v2(output0, [y0.value[:batch] * self.divisor])
         with tf.device(protocol.server_1.device_name):
-            answered1 = queue_ops.queue_enqueue_v2(output1, [y1.value[:batch]])
-        with tf.control_dependencies([answered0, answered1]):
+            answered1 = queue_ops.queue_enqueue_v2(output1, [y1.value[:batch] * self.divisor])
+        with tf.device(protocol.server_0.device_name), tf.control_dependencies([answered0, answered1]):
             return tf.constant(True)
 
     def _queues_of(self, client_id: str) -> ClientQueues:
@@ -273,8 +290,9 @@ class _Session:
             problem = self._problem_with(client_id, batch)
             if problem:
                 return f"refused, {problem}"
-            if self._inputs_waiting(client_id):
-                return self._answer(client_id, batch)
+            outcome = self._answer(client_id, batch)
+            if outcome is not None:
+                return outcome
             if time.monotonic() > give_up_at:
                 self._drop_inputs(client_id)
                 return f"dropped, its shares did not arrive within {INPUT_GRACE_SECONDS:.0f} s (its client vanished?)"
@@ -290,9 +308,6 @@ class _Session:
             return f"it announced a batch of {batch} images (1 to {MAX_BATCH_SIZE} are served)"
         return None
 
-    def _inputs_waiting(self, client_id: str) -> bool:
-        return self._call(self.model._queues_of(client_id).inputs_waiting)
-
     def _drop_inputs(self, client_id: str) -> None:
         self._call(self.model._queues_of(client_id).discard_inputs)
 
@@ -307,13 +322,14 @@ class _Session:
         except tf.errors.OpError as error:
             raise self.model.servers.explain(error) from None
 
-    def _answer(self, client_id: str, batch: int) -> str:
+    def _answer(self, client_id: str, batch: int) -> Optional[str]:
         queues = self.model._queues_of(client_id)
         bucket = next(size for size in BATCH_BUCKETS if size >= batch)
         answer = self.model._answer_function(bucket)
         handles = [q.handle for q in queues.inputs + queues.outputs]
         try:
-            self._call(answer, *handles, tf.constant(batch, tf.int64))
+            if not self._call(answer, *handles, tf.constant(batch, tf.int64)):
+                return None  # its shares have not all arrived
         except tf.errors.InvalidArgumentError:
             self._refuse(client_id)
             return f"refused, its shares are not a batch of {batch} images of shape {IMAGE_SHAPE}"
@@ -335,7 +351,14 @@ class _Session:
 
 
 def share_model(keras_model, protocol) -> SecureModel:
-    """Secret-share ``keras_model``'s weights across the servers: the model owner's step."""
+    """Secret-share ``keras_model``'s weights across the servers: the model owner's step.
+
+    First proves a bound on every value the model can compute for inputs with pixels in
+    [0, 1]; computes at a smaller scale a model slightly too large for the fixed-point
+    encoding, and refuses (ValueRangeError) one that is far too large.
+    """
+    encoding = protocol.fixedpoint_config
+    keras_model, divisor, peak = fitting(keras_model, float(encoding.scaling_base ** encoding.precision_integral))
     config = keras_model.get_config()
     # tfe.keras builds its layers for a concrete batch size, then accepts any; it
     # skips Keras's InputLayer and reads the shape from the first real layer.
@@ -343,4 +366,4 @@ def share_model(keras_model, protocol) -> SecureModel:
     layers[0]["config"]["batch_input_shape"] = (1,) + tuple(keras_model.input_shape[1:])
     private_model = tfe.keras.models.Sequential.from_config(config)
     private_model.set_weights(keras_model.get_weights())
-    return SecureModel(protocol, private_model)
+    return SecureModel(protocol, private_model, peak, divisor)
