@@ -1,6 +1,6 @@
 # The series' commands. Each one first runs scripts/setup.sh, which creates .venv with
 # Python 3.10 and the pinned packages when they are missing or out of date.
-.PHONY: setup run test lab benchmark
+.PHONY: setup run run-es test lab benchmark
 
 setup:
 	@scripts/setup.sh
@@ -8,11 +8,16 @@ setup:
 run: setup
 	.venv/bin/python -m private_predictions.series
 
+# The Spanish series (notebooks/es), headless.
+run-es: setup
+	.venv/bin/python -m private_predictions.series --language es
+
 test: setup
 	scripts/test.sh
 
+# Jupyter refuses to run as root (containers, many cloud machines) unless told it may.
 lab: setup
-	.venv/bin/jupyter lab notebooks/
+	.venv/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 
 benchmark: setup
 	.venv/bin/python benchmarks/benchmark.py

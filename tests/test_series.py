@@ -7,8 +7,9 @@ from private_predictions.series import NOTEBOOK_DIR, NOTEBOOK_STAGES
 
 
 def test_every_notebook_is_executed_by_the_tests():
-    staged = [name for stage in NOTEBOOK_STAGES for name in stage]
-    assert sorted(staged) == sorted(p.name for p in Path(NOTEBOOK_DIR).glob("*.ipynb"))
+    staged = [name for stages in NOTEBOOK_STAGES.values() for stage in stages for name in stage]
+    assert sorted(staged) == sorted(str(p.relative_to(NOTEBOOK_DIR)) for p in Path(NOTEBOOK_DIR).rglob("*.ipynb")
+                                    if ".ipynb_checkpoints" not in p.parts)
     assert len(set(staged)) == len(staged)
 
 
@@ -31,7 +32,7 @@ def test_damaged_mnist_is_refused(tmp_path):
 
 
 def test_committed_notebooks_are_fit_to_publish():
-    for path in sorted(Path(NOTEBOOK_DIR).glob("*.ipynb")):
+    for path in sorted(Path(NOTEBOOK_DIR).rglob("*.ipynb")):
         text = path.read_text()
         notebook = json.loads(text)
         assert notebook["metadata"]["kernelspec"]["name"] == "python3", path.name

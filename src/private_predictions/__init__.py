@@ -7,7 +7,7 @@
 from .client import InvalidImageError, PrivateClient, RequestRefusedError, ServingStoppedError, softmax
 from .cluster import ClusterError, LocalCluster, RemoteCluster
 from .data import load_mnist
-from .model import load_logits_model, short_conv_mnist
+from .model import load_logits_model
 from .protocol import connect
 from .serving import SecureModel, ServingConflictError, share_model
 from .watch import ServerUnreachableError
@@ -15,5 +15,5 @@ from .watch import ServerUnreachableError
 __all__ = [
     "ClusterError", "InvalidImageError", "LocalCluster", "PrivateClient", "RemoteCluster", "RequestRefusedError",
     "SecureModel", "ServerUnreachableError", "ServingConflictError", "ServingStoppedError", "connect",
-    "load_logits_model", "load_mnist", "share_model", "short_conv_mnist", "softmax",
+    "load_logits_model", "load_mnist", "share_model", "softmax",
 ]
