@@ -81,3 +81,39 @@ def _enqueue_request(requests, client_id, batch):
     from private_predictions._tf import tf
     return tf.function(lambda q, c, b: (gen_data_flow_ops.queue_enqueue_v2(q, [c, b]),
                                         gen_data_flow_ops.queue_size_v2(q))[-1])(requests, client_id, batch)
+
+
+HOSTS = ("server0", "server1", "server2", "owner", "client")
+PORT = 4440  # the same on every host, as on real machines
+
+
+@pytest.fixture
+def network():
+    """Five hosts of our own (network namespaces on one virtual switch); skipped where they cannot be made."""
+    from netns import NamespacesUnavailable, VirtualNetwork
+
+    try:
+        network = VirtualNetwork.create(HOSTS)
+    except NamespacesUnavailable as reason:
+        pytest.skip(f"no network namespaces here: {reason}")
+    yield network
+    network.remove()
+
+
+@pytest.fixture
+def servers_on_hosts(network, tmp_path):
+    """The three servers, each on its host; yields the cluster file naming them."""
+    from private_predictions.cluster import start_player
+    from private_predictions.config import SERVER_NAMES, ClusterConfig
+
+    config_path = tmp_path / "cluster.json"
+    ClusterConfig({name: f"{network.addresses[name]}:{PORT}" for name in SERVER_NAMES}).save(config_path)
+    processes = []
+    with open(tmp_path / "servers.log", "wb") as log:
+        try:
+            for name in SERVER_NAMES:
+                processes.append(start_player(config_path, name, log, launcher=network.launcher(name)))
+            yield config_path
+        finally:
+            for process in processes:
+                stop(process)

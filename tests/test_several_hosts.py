@@ -4,47 +4,16 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
-from conftest import stop
-from netns import NamespacesUnavailable, VirtualNetwork
 from private_predictions import load_logits_model, load_mnist
-from private_predictions.cluster import start_player
-from private_predictions.config import SERVER_NAMES, ClusterConfig
+from private_predictions.config import SERVER_NAMES
 from private_predictions.tooling import start_serving_process
 
-HOSTS = (*SERVER_NAMES, "owner", "client")
-PORT = 4440  # the same on every host, as on real machines
 FIRST, COUNT = 20, 3
 
 
-@pytest.fixture
-def network():
-    try:
-        network = VirtualNetwork.create(HOSTS)
-    except NamespacesUnavailable as reason:
-        pytest.skip(f"no network namespaces here: {reason}")
-    yield network
-    network.remove()
-
-
-@pytest.fixture
-def servers(network, tmp_path):
-    config_path = tmp_path / "cluster.json"
-    ClusterConfig({name: f"{network.addresses[name]}:{PORT}" for name in SERVER_NAMES}).save(config_path)
-    processes = []
-    with open(tmp_path / "servers.log", "wb") as log:
-        try:
-            for name in SERVER_NAMES:
-                processes.append(start_player(config_path, name, log, launcher=network.launcher(name)))
-            yield config_path
-        finally:
-            for process in processes:
-                stop(process)
-
-
-def test_a_private_prediction_with_each_party_on_a_host_of_its_own(network, servers):
-    config_path = servers
+def test_a_private_prediction_with_each_party_on_a_host_of_its_own(network, servers_on_hosts):
+    config_path = servers_on_hosts
     serving = start_serving_process(config_path, launcher=network.launcher("owner"))
     try:
         traffic_before = {name: network.bytes_through(name) for name in SERVER_NAMES}

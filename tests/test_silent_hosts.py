@@ -13,14 +13,9 @@ import time
 import pytest
 
 from conftest import stop
-from netns import NamespacesUnavailable, VirtualNetwork
 from private_predictions import load_logits_model, load_mnist
-from private_predictions.cluster import start_player
-from private_predictions.config import SERVER_NAMES, ClusterConfig
 from private_predictions.tooling import start_serving_process
 
-HOSTS = (*SERVER_NAMES, "owner", "client")
-PORT = 4440
 NOTICED_WITHIN = 15.0
 
 # A client on its own host: one query per line read from stdin ("BATCH"), one JSON line per answer.
@@ -41,31 +36,6 @@ for line in sys.stdin:
     said["seconds"] = time.monotonic() - start
     print(json.dumps(said), flush=True)
 """
-
-
-@pytest.fixture
-def network():
-    try:
-        network = VirtualNetwork.create(HOSTS)
-    except NamespacesUnavailable as reason:
-        pytest.skip(f"no network namespaces here: {reason}")
-    yield network
-    network.remove()
-
-
-@pytest.fixture
-def deployment(network, tmp_path):
-    config_path = tmp_path / "cluster.json"
-    ClusterConfig({name: f"{network.addresses[name]}:{PORT}" for name in SERVER_NAMES}).save(config_path)
-    processes = []
-    with open(tmp_path / "servers.log", "wb") as log:
-        try:
-            for name in SERVER_NAMES:
-                processes.append(start_player(config_path, name, log, launcher=network.launcher(name)))
-            yield config_path
-        finally:
-            for process in processes:
-                stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +77,9 @@ def serving_exit(serving, timeout):
 
 
 def test_a_silent_server_stops_the_waiting_client_and_the_computing_serving_side_naming_it(
-        network, deployment, expected):
-    serving = start_serving_process(deployment, launcher=network.launcher("owner"))
-    client = Client(network, deployment)
+        network, servers_on_hosts, expected):
+    serving = start_serving_process(servers_on_hosts, launcher=network.launcher("owner"))
+    client = Client(network, servers_on_hosts)
     try:
         client.ask(1)
         assert client.read(60)["argmax"] == expected[:1]
@@ -130,8 +100,8 @@ def test_a_silent_server_stops_the_waiting_client_and_the_computing_serving_side
 
 
 def test_a_silent_server_stops_a_serving_side_waiting_for_requests_and_serving_again_answers(
-        network, deployment, expected):
-    serving = start_serving_process(deployment, launcher=network.launcher("owner"))
+        network, servers_on_hosts, expected):
+    serving = start_serving_process(servers_on_hosts, launcher=network.launcher("owner"))
     try:
         time.sleep(1.0)  # waiting for requests
         cable(network, "server1", "down")
@@ -142,8 +112,8 @@ def test_a_silent_server_stops_a_serving_side_waiting_for_requests_and_serving_a
         time.sleep(max(0.0, 20 - (time.monotonic() - went_silent)))  # down for 20 s
         cable(network, "server1", "up")
         # As the docs say: serve again once the host is back.
-        serving = start_serving_process(deployment, launcher=network.launcher("owner"), timeout=60)
-        client = Client(network, deployment)
+        serving = start_serving_process(servers_on_hosts, launcher=network.launcher("owner"), timeout=60)
+        client = Client(network, servers_on_hosts)
         try:
             client.ask(1)
             assert client.read(60).get("argmax") == expected[:1]
@@ -154,9 +124,9 @@ def test_a_silent_server_stops_a_serving_side_waiting_for_requests_and_serving_a
         serving.stop()
 
 
-def test_a_blip_of_two_seconds_is_ridden_out_by_the_serving_side(network, deployment, expected):
-    serving = start_serving_process(deployment, launcher=network.launcher("owner"))
-    client = Client(network, deployment)
+def test_a_blip_of_two_seconds_is_ridden_out_by_the_serving_side(network, servers_on_hosts, expected):
+    serving = start_serving_process(servers_on_hosts, launcher=network.launcher("owner"))
+    client = Client(network, servers_on_hosts)
     try:
         client.ask(8)
         assert client.read(60).get("argmax") == expected[:8]
@@ -169,7 +139,7 @@ def test_a_blip_of_two_seconds_is_ridden_out_by_the_serving_side(network, deploy
         assert during.get("argmax") == expected[:8] or (
             during.get("error") == "ServerUnreachableError" and "server1" in during["message"]), during
         client.close()
-        client = Client(network, deployment)  # a client that failed connects again, as its error says
+        client = Client(network, servers_on_hosts)  # a client that failed connects again, as its error says
         client.ask(8)
         assert client.read(60).get("argmax") == expected[:8]
         assert serving.process.poll() is None, "".join(serving.output)
