@@ -16,7 +16,8 @@ from private_predictions import (PrivateClient, RequestRefusedError, ServingConf
 from private_predictions import client as client_module
 from private_predictions import player
 from private_predictions.ports import find_free_base_port, listens_on
-from private_predictions.waiting import bounded
+from private_predictions.queues import NOBODY, SERVING_SILENCE
+from private_predictions.waiting import bounded, wait_until
 from private_predictions.tooling import start_serving_process
 from private_predictions.watch import ServerUnreachableError
 
@@ -141,7 +142,7 @@ from private_predictions import LocalCluster, PrivateClient, connect, load_logit
 what, config_path = sys.argv[1], sys.argv[2]
 (_, _), (x_test, _) = load_mnist()
 if what == "predict":
-    client = PrivateClient.connect(config_path, timeout=30)
+    client = PrivateClient.connect(config_path, timeout=30, say=lambda line: None)  # this stdout is for the test
     call = lambda: client.predict_logits(x_test[:1], timeout=60)
 elif what == "serve":
     from private_predictions.config import ClusterConfig
@@ -183,6 +184,13 @@ def test_interrupting_a_waiting_query_returns_at_once_and_the_next_query_gets_it
         own_deployment, tmp_path, test_images, plaintext):
     own_deployment.serving.stop()
     own_deployment.serving = None
+
+    def nobody_serves():
+        owner, age = own_deployment.client.lease.read()
+        return owner == NOBODY or age > SERVING_SILENCE
+
+    # Once the killed side's lease has aged out, the query waits for a serving side and no fault ends that wait.
+    wait_until(nobody_serves, 30, "the killed serving side's lease never aged out")
     process = interrupt("predict", own_deployment.cluster.config_path, tmp_path)
     try:
         own_deployment.serving = start_serving_process(own_deployment.cluster.config_path)
