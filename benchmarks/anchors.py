@@ -3,12 +3,16 @@
     python benchmarks/anchors.py stock-serve CONFIG QUERIES     # tf-encrypted's own QueueServer
     python benchmarks/anchors.py stock-query CONFIG QUERIES     # its QueueClient; prints one JSON line
     python benchmarks/anchors.py compute-only CONFIG QUERIES    # the series' protocol, no queues
+    python benchmarks/anchors.py compute-only-aby3 CONFIG QUERIES   # the other protocol, no queues
 
 * stock: ``tfe.serving.QueueServer``/``QueueClient`` with stock SecureNN and its default
   fixed point, batch 1, as tf-encrypted ships them (the client reveals the result on the servers,
   which the series never does; here it is only a yardstick for speed).
 * compute-only: the series' protocol and encoding, input shared on server0, one traced
   function over the network, output revealed: the secure computation without any queue.
+* compute-only-aby3: the same with ``tfe.protocol.ABY3()`` and its default fixed point, the
+  other three-server protocol in tf-encrypted 0.9.1, so that the choice between the two is
+  measured on the same servers in the same run.
 """
 import json
 import sys
@@ -25,6 +29,10 @@ def peak_rss_bytes(pid="self") -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+def loopback_bytes() -> int:
+    return int(open("/sys/class/net/lo/statistics/tx_bytes").read())
 
 
 def median_ms(function, queries):
@@ -72,6 +80,9 @@ def main(argv):
                               "peak_rss_bytes": peak_rss_bytes()}), flush=True)
         return
     protocol = connect(config)
+    if role == "compute-only-aby3":
+        protocol = tfe.protocol.ABY3()
+        tfe.set_protocol(protocol)
     model = private_model_for(protocol, load_logits_model())
     results = {}
     for batch in (1, 32):
@@ -82,6 +93,11 @@ def main(argv):
 
         images = tf.constant(x_test[:batch].astype(np.float64))
         results[f"batch{batch}_median_ms"] = median_ms(lambda: compute(images).numpy(), queries)
+        sent = loopback_bytes()
+        compute(images).numpy()
+        results[f"batch{batch}_loopback_bytes_per_image"] = (loopback_bytes() - sent) / batch
+    plain = load_logits_model()(x_test[:32]).numpy()  # the images of the last batch measured
+    results["max_abs_logit_error_32_images"] = float(np.abs(compute(images).numpy() - plain).max())
     results["peak_rss_bytes"] = peak_rss_bytes()
     print(json.dumps(results), flush=True)
 

@@ -27,7 +27,7 @@ BATCH_SIZES = (1, 8, 32, MAX_BATCH_SIZE)
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from anchors import peak_rss_bytes  # noqa: E402
+from anchors import loopback_bytes, peak_rss_bytes  # noqa: E402
 
 ANCHORS = Path(__file__).parent / "anchors.py"
 ANCHOR_QUERIES = 40
@@ -53,10 +53,6 @@ def stock_tfe_serving(config_path: Path) -> dict:
         server.kill()
         server.wait(10)
     return result
-
-
-def loopback_bytes() -> int:
-    return int(Path("/sys/class/net/lo/statistics/tx_bytes").read_text())
 
 
 def percentile_ms(seconds, q):
@@ -93,6 +89,7 @@ def main(argv=None):
         print("measuring tf-encrypted's own serving, and the secure computation alone ...", flush=True)
         results["stock_tfe_serving"] = stock_tfe_serving(cluster.config_path)
         results["compute_only"] = anchor("compute-only", cluster.config_path)
+        results["compute_only_aby3"] = anchor("compute-only-aby3", cluster.config_path)
         serving, results["secure_model_seconds"], _, _ = start_serving_process(cluster.config_path)
         try:
             client = PrivateClient.connect(cluster.config_path, timeout=60)
@@ -183,6 +180,14 @@ def table(results) -> str:
         f"batch 32 per image, end to end / compute only: "
         f"{1000 / b32['images_per_second'] / (compute['batch32_median_ms'] / 32):.2f} "
         f"({1000 / b32['images_per_second']:.1f} ms / {compute['batch32_median_ms'] / 32:.1f} ms)",
+        "",
+        "the two protocols, compute only (batch 1 median; per image at batch 32; loopback traffic per image at "
+        "batch 32; max logit error on 32 images):",
+    ]
+    for name, row in (("SecureNN (the series)", compute), ("ABY3", results["compute_only_aby3"])):
+        lines.append(f"  {name:<22} {row['batch1_median_ms']:6.1f} ms {row['batch32_median_ms'] / 32:6.1f} ms "
+                     f"{row['batch32_loopback_bytes_per_image'] / 1e6:6.2f} MB {row['max_abs_logit_error_32_images']:.4f}")
+    lines += [
         "",
         f"batch-1 latency: private median {b1['private_median_ms']:.1f} ms, p95 {b1['private_p95_ms']:.1f} ms; "
         f"plaintext median {b1['plaintext_median_ms']:.2f} ms; ratio {b1['ratio']:.0f}x ({b1['queries']} queries)",

@@ -55,15 +55,16 @@ def client(serving, cluster):
     return PrivateClient.connect(cluster.config_path, timeout=30)
 
 
-def send_by_hand(client, share0=None, share1=None, announced: int = 1):
+def send_by_hand(client, share0=None, share1=None, announced: int = 1, client_id=None):
     """What anything on the network can do: put shares and a request of its own making into the queues.
 
-    A share that is None is not sent. Returns the queues of the made-up client.
+    A share that is None is not sent. Returns the queues of the client named ``client_id``
+    (by default one made up).
     """
     from private_predictions._tf import tf
     from private_predictions.queues import ClientQueues
 
-    queues = ClientQueues(client.protocol)
+    queues = ClientQueues(client.protocol, client_id)
     for queue, share in zip(queues.inputs, (share0, share1)):
         if share is not None:
             _enqueue(queue.handle, tf.constant(np.asarray(share, np.int64)))

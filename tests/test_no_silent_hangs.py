@@ -239,10 +239,13 @@ MALFORMED = {  # share0's shape, share1's shape, the batch size announced
 
 
 @pytest.mark.parametrize("shape0, shape1, announced", MALFORMED.values(), ids=MALFORMED.keys())
-def test_a_malformed_request_is_refused_and_serving_goes_on(client, shape0, shape1, announced, test_images,
-                                                            plaintext):
+@pytest.mark.parametrize("sender", ["a new client", "the client answered last"])
+def test_a_malformed_request_is_refused_and_serving_goes_on(client, shape0, shape1, announced, sender,
+                                                            test_images, plaintext):
     client.predict_logits(test_images[:1])  # the served graph exists, and the serving side is known
-    queues = send_by_hand(client, np.zeros(shape0, np.int64), np.zeros(shape1, np.int64), announced)
+    # The client answered last is answered on the servers as soon as its request arrives: checked there too.
+    client_id = client.queues.client_id if sender == "the client answered last" else None
+    queues = send_by_hand(client, np.zeros(shape0, np.int64), np.zeros(shape1, np.int64), announced, client_id)
     refusal, _ = bounded(queues.receive, timeout=15, message="the malformed request got no answer")
     assert refusal.numpy().shape == (0,)  # what tells its client "refused"
     image = test_images[5:6]

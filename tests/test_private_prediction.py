@@ -81,7 +81,7 @@ def test_bad_input_is_rejected_before_sending(client, test_set, plaintext_model,
     from private_predictions.queues import ClientQueues
 
     sent = []
-    monkeypatch.setattr(ClientQueues, "send", lambda *args: sent.append(args))
+    monkeypatch.setattr(ClientQueues, "ask", lambda *args: sent.append(args))
     with pytest.raises(InvalidImageError) as error:
         client.predict_logits(bad, timeout=5)
     assert str(error.value)

@@ -157,13 +157,7 @@ class PrivateClient:
         share0, share1 = self.share(validate_images(images))
         deadline = time.monotonic() + timeout
         try:
-            self._send(share0, share1, deadline)
-            answer = BackgroundCall(self.queues.receive, name="waiting for an answer")
-            output0, output1 = wait_for(
-                answer, max(0.0, deadline - time.monotonic()),
-                f"No answer from the served model within {timeout:.0f} s. Is "
-                "notebooks/02_secure_serving.ipynb serving requests?",
-                watches=[self.servers.check, self.check_serving])
+            output0, output1 = self._ask(share0, share1, deadline, timeout)
         except tf.errors.OpError as error:
             self._abandon_queues()
             raise self.servers.explain(error) from None
@@ -177,29 +171,32 @@ class PrivateClient:
                                       "this client's queues were not a batch of images.")
         return self.reconstruct(output0, output1)
 
-    def _send(self, share0, share1, deadline: float) -> None:
-        """Put the shares and the request in the queues of the side that serves now.
+    def _ask(self, share0, share1, deadline: float, timeout: float):
+        """Send the shares and the request to the side that serves now; wait for the answer's shares.
 
         The serving side found before is asked again without looking it up; if it has
-        stopped, its request queue is closed and the send fails at once: then look again.
+        stopped, its request queue is closed and the call fails at once: then look again.
         """
         if self._requests is None:
             self._serving_side(deadline)
-        if self.queues is None:
-            self.queues = self._quick(ClientQueues, self.protocol)
         try:
-            self._quick(self.queues.send, self._requests, share0, share1)
-            return
+            return self._ask_once(share0, share1, deadline, timeout)
         except tf.errors.OpError:
             self.servers.check()
             self._abandon_queues()  # the shares may be in them, with no request behind them
         session = self._session
-        self._requests = None
         self._serving_side(deadline)  # raises ServingStoppedError if nothing serves now
         if self._session == session:
             raise ServingStoppedError(f"The serving side stopped before taking the query. {SERVE_AGAIN}")
-        self.queues = self._quick(ClientQueues, self.protocol)
-        self._quick(self.queues.send, self._requests, share0, share1)
+        return self._ask_once(share0, share1, deadline, timeout)
+
+    def _ask_once(self, share0, share1, deadline: float, timeout: float):
+        if self.queues is None:
+            self.queues = self._quick(ClientQueues, self.protocol)
+        call = BackgroundCall(self.queues.ask, self._requests, share0, share1, name="waiting for an answer")
+        return wait_for(call, max(0.0, deadline - time.monotonic()),
+                        f"No answer from the served model within {timeout:.0f} s. Is "
+                        "notebooks/02_secure_serving.ipynb serving requests?", watches=[self.servers.check, self.check_serving])
 
     def _abandon_queues(self) -> None:
         """Leave this client's queues after a failed query, without a call that could fail anew.

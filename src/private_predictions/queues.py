@@ -97,13 +97,16 @@ def _dequeue_request(handle):
 
 
 @tf.function
-def _send(input0, input1, requests, share0, share1, client_id, batch):
+def _ask(input0, input1, output0, output1, requests, share0, share1, client_id, batch):
     enqueued = [gen_data_flow_ops.queue_enqueue_v2(input0, [share0]),
                 gen_data_flow_ops.queue_enqueue_v2(input1, [share1])]
     # The request goes last: when the serving side reads it, both shares are waiting.
     with tf.control_dependencies(enqueued):
-        gen_data_flow_ops.queue_enqueue_v2(requests, [client_id, batch])
-        return gen_data_flow_ops.queue_size_v2(requests)
+        requested = gen_data_flow_ops.queue_enqueue_v2(requests, [client_id, batch])
+    # Sending and waiting for the answer in one call saves a round trip per query.
+    with tf.control_dependencies([requested]):
+        return (gen_data_flow_ops.queue_dequeue_v2(output0, [tf.int64])[0],
+                gen_data_flow_ops.queue_dequeue_v2(output1, [tf.int64])[0])
 
 
 class ClientQueues:
@@ -116,10 +119,15 @@ class ClientQueues:
         self.inputs = [SharedQueue(d, f"{prefix}/in-{i}") for i, d in enumerate(devices)]
         self.outputs = [SharedQueue(d, f"{prefix}/out-{i}") for i, d in enumerate(devices)]
 
-    def send(self, requests: SharedQueue, share0, share1) -> None:
+    def ask(self, requests: SharedQueue, share0, share1):
+        """Send the shares and the request; return the two shares of the answer once both are there.
+
+        Fails at once if ``requests`` is closed (its serving side stopped); cancel the wait
+        for the answer with :meth:`close_outputs`.
+        """
         batch = tf.constant(int(share0.shape[0]), tf.int64)
-        _send(self.inputs[0].handle, self.inputs[1].handle, requests.handle,
-              share0, share1, tf.constant(self.client_id), batch)
+        return _ask(*(queue.handle for queue in self.inputs + self.outputs), requests.handle,
+                    share0, share1, tf.constant(self.client_id), batch)
 
     def receive(self):
         """The two shares of the answer; waits until both are there (cancel with :meth:`close_outputs`)."""

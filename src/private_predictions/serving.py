@@ -12,7 +12,8 @@ from tensorflow.python.ops import gen_data_flow_ops as queue_ops
 from ._tf import tf, tfe
 from .config import ClusterConfig
 from .data import IMAGE_SHAPE
-from .queues import MAX_BATCH_SIZE, NOBODY, SERVING_SILENCE, ClientQueues, ServingLease, request_queue, take_request
+from .queues import (MAX_BATCH_SIZE, NOBODY, REQUEST_DTYPES, SERVING_SILENCE, ClientQueues, ServingLease,
+                     request_queue, take_request)
 from .value_range import fitting
 from .waiting import WATCH_INTERVAL, BackgroundCall, bounded, wait_for
 from .watch import ServerUnreachableError, ServerWatch, first_dead_server
@@ -70,16 +71,33 @@ class SecureModel:
                 lambda *args: self._answer_on_servers(bucket, *args))
         return self._answer_functions[bucket]
 
-    def _answer_on_servers(self, bucket, input0, input1, output0, output1, batch):
+    def _answer_next_function(self, bucket: int):
+        """Per bucket: wait on the servers for the next request, and answer it there and then if it
+        comes from the client given (with a batch of this bucket). Saves the round trip through
+        this process, and the launch of a computation, for a client asking again."""
+        if ("next", bucket) not in self._answer_functions:
+            self._answer_functions["next", bucket] = tf.function(
+                lambda *args: self._answer_next_on_servers(bucket, *args))
+        return self._answer_functions["next", bucket]
+
+    def _answer_next_on_servers(self, bucket, requests, expected_client, input0, input1, output0, output1):
+        with tf.device(self.protocol.server_0.device_name):
+            client_id, batch = queue_ops.queue_dequeue_v2(requests, list(REQUEST_DTYPES))
+            smaller = max([0] + [size for size in BATCH_BUCKETS if size < bucket])
+            expected = tf.reduce_all([tf.equal(client_id, expected_client), batch > smaller, batch <= bucket])
+        answered = self._answer_on_servers(bucket, input0, input1, output0, output1, batch, expected)
+        return client_id, batch, answered
+
+    def _answer_on_servers(self, bucket, input0, input1, output0, output1, batch, expected=True):
         """True once answered; False, at once, if the client's two shares are not both there yet."""
         protocol = self.protocol
-        waiting = []
+        ready = [expected]
         for input_queue, server in ((input0, protocol.server_0), (input1, protocol.server_1)):
             with tf.device(server.device_name):
-                waiting.append(queue_ops.queue_size_v2(input_queue) > 0)
+                ready.append(queue_ops.queue_size_v2(input_queue) > 0)
         # Decided on server0, so that the computation starts without a round trip to this process.
         with tf.device(protocol.server_0.device_name):
-            return tf.cond(tf.logical_and(*waiting),
+            return tf.cond(tf.reduce_all(ready),
                            lambda: self._compute(bucket, input0, input1, output0, output1, batch),
                            lambda: tf.constant(False))
 
@@ -151,6 +169,8 @@ class _Session:
         self.id = uuid.uuid4().hex
         self.pending = []  # requests whose shares had not all arrived: (client id, batch, give up at)
         self._incoming: Optional[BackgroundCall] = None
+        # (client id, bucket) of the client answered last: its next request is answered on arrival.
+        self.expected = self._listening_for = None
         self._stopped = threading.Event()
         self._taken_over = None
         self.answered = set()
@@ -258,26 +278,64 @@ class _Session:
                     self.pending.remove(entry)
                     return outcome
             if self._incoming is None:
-                self._incoming = BackgroundCall(take_request, self.requests, name="waiting for a request")
+                self._incoming = self._listen()
             wait = 0.05 if self.pending else None
             if deadline is not None:
                 wait = max(0.0, deadline - time.monotonic()) if wait is None else wait
             try:
-                client_id, batch = wait_for(self._incoming, wait, "", watches=[self.check_lease])
+                client_id, batch, answered = wait_for(self._incoming, wait, "", watches=[self.check_lease])
             except TimeoutError:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"No private query arrived within {timeout:.0f} s. Run the client "
                                        "(notebooks/03_private_prediction.ipynb) while this one serves.") from None
                 continue
             except tf.errors.OpError as error:
-                raise self.model.servers.explain(error) from None
+                return self._expected_failed(error)
             finally:
                 if self._incoming is not None and self._incoming.done():
                     self._incoming = None
+            if answered:
+                return self._answered(client_id, batch)
             outcome = self._take(client_id, batch, time.monotonic() + INPUT_GRACE_SECONDS)
             if outcome is not None:
                 return outcome
             self.pending.append((client_id, batch, time.monotonic() + INPUT_GRACE_SECONDS))
+
+    def _listen(self) -> BackgroundCall:
+        """Wait for the next request: on the servers, which answer it at once if the client answered
+        last asks again (as clients mostly do); otherwise it comes here, to be taken below."""
+        self._listening_for = self.expected
+        if self.expected is None:
+            return BackgroundCall(lambda: (*take_request(self.requests), False), name="waiting for a request")
+        client_id, bucket = self.expected
+        queues = self.model._queues_of(client_id)
+        answer_next = self.model._answer_next_function(bucket)
+        handles = [q.handle for q in queues.inputs + queues.outputs]
+
+        def listen():
+            asker, batch, answered = answer_next(self.requests.handle, tf.constant(client_id), *handles)
+            return asker.numpy().decode(errors="replace"), int(batch), bool(answered)
+        return BackgroundCall(listen, name="waiting for a request")
+
+    def _expected_failed(self, error: tf.errors.OpError) -> str:
+        """The expected client's request failed on the servers (or a server is gone: raise that)."""
+        if self._listening_for is None:  # only the request queue was involved
+            raise self.model.servers.explain(error) from None
+        self.model.servers.check()
+        client_id, self.expected = self._listening_for[0], None
+        try:
+            self._refuse(client_id)
+        except tf.errors.OpError:
+            pass  # its output queues are closed: the client gave up on this query (a server went silent?)
+        if isinstance(error, tf.errors.InvalidArgumentError):
+            return f"refused, its shares are not a batch of the images of shape {IMAGE_SHAPE} it announced"
+        return f"failed ({error.message.splitlines()[0][:200]})"
+
+    def _answered(self, client_id: str, batch: int) -> str:
+        self.answered.add(client_id)
+        self.expected = (client_id, next(size for size in BATCH_BUCKETS if size >= batch))
+        images = "image" if batch == 1 else "images"
+        return f"answered a private batch of {batch} {images}"
 
     def _take(self, client_id: str, batch: int, give_up_at: float) -> Optional[str]:
         """What happened to this request, or None while its shares have not all arrived.
@@ -336,9 +394,7 @@ class _Session:
         except tf.errors.OpError as error:  # one request's failure; the service goes on
             self._refuse(client_id)
             return f"failed ({error.message.splitlines()[0][:200]})"
-        self.answered.add(client_id)
-        images = "image" if batch == 1 else "images"
-        return f"answered a private batch of {batch} {images}"
+        return self._answered(client_id, batch)
 
     def _wait_until_collected(self, timeout: Optional[float]) -> None:
         deadline = time.monotonic() + (timeout or 120.0)
