@@ -16,7 +16,7 @@ from private_predictions import (PrivateClient, RequestRefusedError, ServingConf
 from private_predictions import client as client_module
 from private_predictions import player
 from private_predictions.ports import find_free_base_port, listens_on
-from private_predictions.queues import NOBODY, SERVING_SILENCE
+from private_predictions.queues import MAX_BATCH_SIZE, NOBODY, SERVING_SILENCE
 from private_predictions.waiting import bounded, wait_until
 from private_predictions.tooling import start_serving_process
 from private_predictions.watch import ServerUnreachableError
@@ -233,7 +233,7 @@ MALFORMED = {  # share0's shape, share1's shape, the batch size announced
     "wrong rank": ((28, 28), (28, 28), 1),
     "shares of different shapes": ((1, *IMAGE), (2, *IMAGE), 1),
     "more images than announced": ((3, *IMAGE), (3, *IMAGE), 1),
-    "batch larger than served": ((129, *IMAGE), (129, *IMAGE), 129),
+    "batch larger than served": ((MAX_BATCH_SIZE + 1, *IMAGE), (MAX_BATCH_SIZE + 1, *IMAGE), MAX_BATCH_SIZE + 1),
     "empty batch": ((0, *IMAGE), (0, *IMAGE), 0),
 }
 
@@ -257,7 +257,7 @@ def test_the_client_says_when_its_request_was_refused(client, test_images, monke
     # A client that skips its own checks sends more images than the servers serve.
     monkeypatch.setattr(client_module, "validate_images", lambda images: images)
     with pytest.raises(RequestRefusedError, match="refused"):
-        client.predict_logits(np.zeros((129, *IMAGE)), timeout=30)
+        client.predict_logits(np.zeros((MAX_BATCH_SIZE + 1, *IMAGE)), timeout=30)
     monkeypatch.undo()
     assert client.predict_logits(test_images[:1], timeout=30).shape == (1, 10)
 

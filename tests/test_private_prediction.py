@@ -4,6 +4,7 @@ import pytest
 
 from private_predictions import load_logits_model, load_mnist
 from private_predictions.client import InvalidImageError
+from private_predictions.queues import MAX_BATCH_SIZE
 
 # Fixed-point resolution is 1/59049 per value (3^10); rounding and SecureNN's truncation
 # add up through four layers: the whole test set stays below 0.007 (benchmarks/).
@@ -72,7 +73,7 @@ BAD_INPUTS = {
     "0-255 pixels": np.full((1, 28, 28, 1), 255.0),
     "negative pixels": np.full((1, 28, 28, 1), -0.5),
     "empty batch": np.zeros((0, 28, 28, 1)),
-    "batch larger than served": np.zeros((129, 28, 28, 1)),
+    "batch larger than served": np.zeros((MAX_BATCH_SIZE + 1, 28, 28, 1)),
 }
 
 
@@ -93,8 +94,6 @@ def test_bad_input_is_rejected_before_sending(client, test_set, plaintext_model,
 
 def test_accuracy_guard_on_256_images(client, test_set, plaintext_model):
     """Speed work must never cost accuracy silently: the series' configuration on 256 images."""
-    from private_predictions.queues import MAX_BATCH_SIZE
-
     images = test_set[0][:256]
     private = np.concatenate([client.predict_logits(images[i:i + MAX_BATCH_SIZE])
                               for i in range(0, len(images), MAX_BATCH_SIZE)])

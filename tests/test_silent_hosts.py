@@ -14,6 +14,7 @@ import pytest
 
 from conftest import stop
 from private_predictions import load_logits_model, load_mnist
+from private_predictions.queues import MAX_BATCH_SIZE
 from private_predictions.tooling import start_serving_process
 
 NOTICED_WITHIN = 15.0
@@ -41,7 +42,7 @@ for line in sys.stdin:
 @pytest.fixture(scope="module")
 def expected():
     (_, _), (x_test, _) = load_mnist()
-    return load_logits_model()(x_test[:128]).numpy().argmax(axis=1).tolist()
+    return load_logits_model()(x_test[:MAX_BATCH_SIZE]).numpy().argmax(axis=1).tolist()
 
 
 class Client:
@@ -83,7 +84,7 @@ def test_a_silent_server_stops_the_waiting_client_and_the_computing_serving_side
     try:
         client.ask(1)
         assert client.read(60)["argmax"] == expected[:1]
-        client.ask(128)  # the first batch of 128 traces the computation for seconds: the client waits
+        client.ask(MAX_BATCH_SIZE)  # the first batch of this size is traced for seconds: the client waits
         time.sleep(1.0)
         cable(network, "server1", "down")
         went_silent = time.monotonic()

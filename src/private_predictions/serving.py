@@ -65,41 +65,36 @@ class SecureModel:
         return share0.read_value().value.numpy(), share1.read_value().value.numpy()
 
     def _answer_function(self, bucket: int):
-        """One traced computation per bucket: take the shares, check them, compute, answer."""
+        """The traced computation that answers a batch of this bucket, made once per bucket.
+
+        Called with the request already taken, it answers it (False if the shares have not
+        all arrived). Called to take the next request, it waits for one on the servers and,
+        if it comes from the client given with a batch of this bucket and its shares are
+        there, answers it there and then: a client asking again saves a round trip through
+        this process and the launch of a computation. Either way it returns the request.
+        """
         if bucket not in self._answer_functions:
-            self._answer_functions[bucket] = tf.function(
-                lambda *args: self._answer_on_servers(bucket, *args))
+            self._answer_functions[bucket] = tf.function(lambda *args: self._answer_on_servers(bucket, *args))
         return self._answer_functions[bucket]
 
-    def _answer_next_function(self, bucket: int):
-        """Per bucket: wait on the servers for the next request, and answer it there and then if it
-        comes from the client given (with a batch of this bucket). Saves the round trip through
-        this process, and the launch of a computation, for a client asking again."""
-        if ("next", bucket) not in self._answer_functions:
-            self._answer_functions["next", bucket] = tf.function(
-                lambda *args: self._answer_next_on_servers(bucket, *args))
-        return self._answer_functions["next", bucket]
-
-    def _answer_next_on_servers(self, bucket, requests, expected_client, input0, input1, output0, output1):
-        with tf.device(self.protocol.server_0.device_name):
-            client_id, batch = queue_ops.queue_dequeue_v2(requests, list(REQUEST_DTYPES))
-            smaller = max([0] + [size for size in BATCH_BUCKETS if size < bucket])
-            expected = tf.reduce_all([tf.equal(client_id, expected_client), batch > smaller, batch <= bucket])
-        answered = self._answer_on_servers(bucket, input0, input1, output0, output1, batch, expected)
-        return client_id, batch, answered
-
-    def _answer_on_servers(self, bucket, input0, input1, output0, output1, batch, expected=True):
-        """True once answered; False, at once, if the client's two shares are not both there yet."""
+    def _answer_on_servers(self, bucket, requests, take_next, given_client, given_batch, expected_client,
+                           input0, input1, output0, output1):
         protocol = self.protocol
-        ready = [expected]
+        with tf.device(protocol.server_0.device_name):
+            client_id, batch = tf.cond(
+                take_next, lambda: tuple(queue_ops.queue_dequeue_v2(requests, list(REQUEST_DTYPES))),
+                lambda: (tf.identity(given_client), tf.identity(given_batch)))
+            smaller = max([0] + [size for size in BATCH_BUCKETS if size < bucket])
+            ready = [tf.equal(client_id, expected_client), batch > smaller, batch <= bucket]
         for input_queue, server in ((input0, protocol.server_0), (input1, protocol.server_1)):
             with tf.device(server.device_name):
                 ready.append(queue_ops.queue_size_v2(input_queue) > 0)
         # Decided on server0, so that the computation starts without a round trip to this process.
         with tf.device(protocol.server_0.device_name):
-            return tf.cond(tf.reduce_all(ready),
-                           lambda: self._compute(bucket, input0, input1, output0, output1, batch),
-                           lambda: tf.constant(False))
+            answered = tf.cond(tf.reduce_all(tf.stack(ready)),
+                               lambda: self._compute(bucket, input0, input1, output0, output1, batch),
+                               lambda: tf.constant(False))
+        return client_id, batch, answered
 
     def _compute(self, bucket, input0, input1, output0, output1, batch):
         protocol = self.protocol
@@ -308,14 +303,18 @@ class _Session:
         if self.expected is None:
             return BackgroundCall(lambda: (*take_request(self.requests), False), name="waiting for a request")
         client_id, bucket = self.expected
-        queues = self.model._queues_of(client_id)
-        answer_next = self.model._answer_next_function(bucket)
-        handles = [q.handle for q in queues.inputs + queues.outputs]
 
         def listen():
-            asker, batch, answered = answer_next(self.requests.handle, tf.constant(client_id), *handles)
+            asker, batch, answered = self._run_answer(bucket, True, "", 0, client_id)
             return asker.numpy().decode(errors="replace"), int(batch), bool(answered)
         return BackgroundCall(listen, name="waiting for a request")
+
+    def _run_answer(self, bucket: int, take_next: bool, given_client: str, given_batch: int, expected_client: str):
+        queues = self.model._queues_of(expected_client)
+        return self.model._answer_function(bucket)(
+            self.requests.handle, tf.constant(take_next), tf.constant(given_client),
+            tf.constant(given_batch, tf.int64), tf.constant(expected_client),
+            *(queue.handle for queue in queues.inputs + queues.outputs))
 
     def _expected_failed(self, error: tf.errors.OpError) -> str:
         """The expected client's request failed on the servers (or a server is gone: raise that)."""
@@ -381,12 +380,9 @@ class _Session:
             raise self.model.servers.explain(error) from None
 
     def _answer(self, client_id: str, batch: int) -> Optional[str]:
-        queues = self.model._queues_of(client_id)
         bucket = next(size for size in BATCH_BUCKETS if size >= batch)
-        answer = self.model._answer_function(bucket)
-        handles = [q.handle for q in queues.inputs + queues.outputs]
         try:
-            if not self._call(answer, *handles, tf.constant(batch, tf.int64)):
+            if not self._call(self._run_answer, bucket, False, client_id, batch, client_id)[2]:
                 return None  # its shares have not all arrived
         except tf.errors.InvalidArgumentError:
             self._refuse(client_id)
