@@ -47,9 +47,11 @@ def median_ms(function, queries):
 
 
 def private_model_for(protocol, keras_model):
-    from private_predictions.serving import share_model
+    from private_predictions.serving import private_keras_model
 
-    return share_model(keras_model, protocol).private_model
+    private_model, _, divisor = private_keras_model(keras_model, protocol)
+    assert divisor == 1, "the model does not fit this encoding as it is"
+    return private_model
 
 
 def main(argv):

@@ -104,7 +104,7 @@ def network():
 @pytest.fixture
 def servers_on_hosts(network, tmp_path):
     """The three servers, each on its host; yields the cluster file naming them."""
-    from private_predictions.cluster import start_player
+    from private_predictions.cluster import start_server
     from private_predictions.config import SERVER_NAMES, ClusterConfig
 
     config_path = tmp_path / "cluster.json"
@@ -113,7 +113,7 @@ def servers_on_hosts(network, tmp_path):
     with open(tmp_path / "servers.log", "wb") as log:
         try:
             for name in SERVER_NAMES:
-                processes.append(start_player(config_path, name, log, launcher=network.launcher(name)))
+                processes.append(start_server(config_path, name, log, launcher=network.launcher(name)))
             yield config_path
         finally:
             for process in processes:

@@ -10,7 +10,7 @@ import pytest
 
 from private_predictions import ClusterError, LocalCluster, PrivateClient, RemoteCluster
 from private_predictions.ports import find_free_base_port, free_ports, port_is_open
-from private_predictions import player
+from private_predictions.commands import server as server_command
 from private_predictions.config import SERVER_NAMES, ClusterConfig
 
 
@@ -64,7 +64,7 @@ def test_busy_port_is_named_with_its_process(tmp_path):
 
 def start_lone_server0(config_path, started_by):
     """server0 as LocalCluster would start it on behalf of ``started_by``, but with no link to it."""
-    server = subprocess.Popen(player.command(config_path, "server0", started_by=started_by, cluster_file=config_path.resolve()),
+    server = subprocess.Popen(server_command.command(config_path, "server0", started_by=started_by, cluster_file=config_path.resolve()),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not port_is_open(*ClusterConfig.load(config_path).address("server0")):
@@ -115,7 +115,7 @@ def test_a_configuration_naming_other_machines_is_never_overwritten(tmp_path):
 
 @pytest.mark.parametrize("connect, says", [
     (PrivateClient.connect, "not answering"),
-    (RemoteCluster.join, "not answering.*python -m private_predictions.player"),  # how to start them
+    (RemoteCluster.join, "not answering.*python -m private_predictions.commands.server"),  # how to start them
 ], ids=["client", "model owner joining servers elsewhere"])
 def test_unreachable_servers_fail_fast(tmp_path, connect, says):
     config_path = tmp_path / "c.json"

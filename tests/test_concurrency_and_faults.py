@@ -21,7 +21,7 @@ CLIENTS, QUERIES = 4, 25
 def test_concurrent_clients_each_get_exactly_their_own_predictions(cluster, serving):
     clients = [
         subprocess.Popen(
-            [sys.executable, "-m", "private_predictions.query", str(cluster.config_path),
+            [sys.executable, "-m", "private_predictions.commands.predict", str(cluster.config_path),
              "--first", str(1000 + 100 * number), "--count", str(QUERIES), "--timeout", "60"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for number in range(CLIENTS)

@@ -14,7 +14,7 @@ from conftest import send_by_hand, stop
 from private_predictions import (PrivateClient, RequestRefusedError, ServingConflictError,
                                  ServingStoppedError, connect, load_logits_model, load_mnist, share_model)
 from private_predictions import client as client_module
-from private_predictions import player
+from private_predictions.commands import server as server_command
 from private_predictions.ports import find_free_base_port, listens_on
 from private_predictions.queues import MAX_BATCH_SIZE, NOBODY, SERVING_SILENCE
 from private_predictions.waiting import bounded, wait_until
@@ -60,11 +60,11 @@ def race(config_paths, base):
     return racers, [json.loads(racer.stdout.readline() or '{"won": null}') for racer in racers]
 
 
-def players_of(tmp_path):
+def servers_of(tmp_path):
     """Server processes whose cluster file lies in ``tmp_path``."""
     found = []
     for process in psutil.process_iter(["cmdline"]):
-        told = player.parse_command(process.info["cmdline"] or [])
+        told = server_command.parse_command(process.info["cmdline"] or [])
         if told is not None and told.cluster_file and str(tmp_path) in told.cluster_file:
             found.append(process)
     return found
@@ -105,7 +105,7 @@ def test_starts_racing_for_the_same_ports_leave_one_winner_and_clear_errors(
         assert_serves(paths[winners[0]], test_images[:2], plaintext)
     finally:
         end(processes)
-    assert psutil.wait_procs(players_of(tmp_path), timeout=15)[1] == []
+    assert psutil.wait_procs(servers_of(tmp_path), timeout=15)[1] == []
 
 
 def test_two_checkouts_starting_at_once_get_ports_of_their_own(tmp_path, test_images, plaintext):
@@ -121,7 +121,7 @@ def test_two_checkouts_starting_at_once_get_ports_of_their_own(tmp_path, test_im
             assert_serves(path, test_images[:1], plaintext)
     finally:
         end(processes)
-    assert psutil.wait_procs(players_of(tmp_path), timeout=15)[1] == []
+    assert psutil.wait_procs(servers_of(tmp_path), timeout=15)[1] == []
 
 
 def test_a_second_serving_side_is_refused_and_the_first_keeps_answering(cluster, serving, test_images, plaintext):
@@ -222,7 +222,7 @@ def test_interrupting_a_connect_or_a_start_returns_at_once_and_leaves_no_server(
     # connect waits for servers that never come; start is interrupted while its servers boot.
     process = interrupt(what, tmp_path / "cluster.json", tmp_path)
     try:
-        assert psutil.wait_procs(players_of(tmp_path), timeout=10)[1] == []
+        assert psutil.wait_procs(servers_of(tmp_path), timeout=10)[1] == []
     finally:
         stop(process)
 

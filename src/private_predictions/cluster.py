@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence
 
 import psutil
 
-from . import player
+from .commands import server as server_command
 from .config import SERVER_NAMES, ClusterConfig
 from .paths import CLUSTER_CONFIG_PATH, shown
 from .ports import describe_port_holder, free_ports, listens_on, port_is_open, who_listens_on
@@ -33,7 +33,7 @@ def _die_with_parent():
 
 
 START_WITH_NOTEBOOK_02 = "Start them with notebooks/02_secure_serving.ipynb."
-START_ON_EACH_MACHINE = ("Start each on its machine with `python -m private_predictions.player CONFIG NAME` "
+START_ON_EACH_MACHINE = ("Start each on its machine with `python -m private_predictions.commands.server CONFIG NAME` "
                          "(docs: several machines), and check that no firewall blocks the ports.")
 
 
@@ -71,15 +71,15 @@ def wait_for_servers(config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 1
                        f"{how_to_start}")
 
 
-def start_player(config_path: Path, name: str, log, launcher: Sequence[str] = (),
+def start_server(config_path: Path, name: str, log, launcher: Sequence[str] = (),
                  started_by: Optional[int] = None, cluster_file: Optional[Path] = None) -> subprocess.Popen:
-    """Start one server process: ``launcher`` + ``python -m private_predictions.player CONFIG NAME``.
+    """Start one server process: ``launcher`` + ``python -m private_predictions.commands.server CONFIG NAME``.
 
     ``launcher`` runs it elsewhere, e.g. ``ip netns exec NAMESPACE`` in the several-hosts test;
     ``started_by`` and ``cluster_file`` let a later LocalCluster recognise it if it is abandoned.
     """
     return subprocess.Popen(
-        [*launcher, *player.command(config_path, name, started_by=started_by, cluster_file=cluster_file)],
+        [*launcher, *server_command.command(config_path, name, started_by=started_by, cluster_file=cluster_file)],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
     )
 
@@ -90,7 +90,7 @@ def _starter_of_our_server(holder: psutil.Process, cluster_file: Path, name: str
         arguments, user = holder.cmdline(), holder.username()
     except (psutil.AccessDenied, psutil.NoSuchProcess):
         return None
-    told = player.parse_command(arguments)
+    told = server_command.parse_command(arguments)
     if user != psutil.Process().username() or told is None or told.started_by is None:
         return None
     if told.name != name or told.cluster_file is None or Path(told.cluster_file) != cluster_file.resolve():
@@ -257,7 +257,7 @@ class LocalCluster:
                 for name in SERVER_NAMES:
                     self._logs[name] = log_dir / f"{name}.log"
                     with open(self._logs[name], "wb") as log:
-                        self.processes[name] = start_player(own_copy, name, log, started_by=os.getpid(),
+                        self.processes[name] = start_server(own_copy, name, log, started_by=os.getpid(),
                                                             cluster_file=self.config_path.resolve())
                 self._wait_until_ours(deadline)
                 self.config.save(self.config_path)
@@ -338,7 +338,7 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1")
 
 
 class RemoteCluster:
-    """Three servers that run on other machines, each started there with the player command.
+    """Three servers that run on other machines, each started there with the server command.
 
     Offers what notebook 02 uses of :class:`LocalCluster`, for a model owner whose servers
     are elsewhere; it starts and stops nothing.

@@ -35,6 +35,7 @@ class ClusterConfig:
     def save(self, path) -> None:
         """Write the file in one step: a reader never sees half of it."""
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(handle, "w") as file:
             file.write(json.dumps(self.hosts, indent=2) + "\n")

@@ -30,7 +30,7 @@ REMEMBERED_CLIENTS = 1000
 CLIENT_ID = re.compile(r"[0-9a-f]{32}")
 RESTART_ADVICE = ("Serving cannot go on. If that server's process died, the servers' state, the "
                   "model's shares included, is lost: start the servers and share the model again "
-                  "(notebook 02 from the top, or restart the three players and the serve command). If "
+                  "(notebook 02 from the top, or restart the three servers and the serve command). If "
                   "its machine only dropped off the network, serve again once it is back.")
 
 
@@ -409,6 +409,14 @@ def share_model(keras_model, protocol) -> SecureModel:
     [0, 1]; computes at a smaller scale a model slightly too large for the fixed-point
     encoding, and refuses (ValueRangeError) one that is far too large.
     """
+    return SecureModel(protocol, *private_keras_model(keras_model, protocol))
+
+
+def private_keras_model(keras_model, protocol):
+    """``keras_model`` as a tf-encrypted model over ``protocol`` (its weights secret-shared).
+
+    Returns it with the bound proven on its values and the divisor of its scale (value_range.fitting).
+    """
     encoding = protocol.fixedpoint_config
     keras_model, divisor, peak = fitting(keras_model, float(encoding.scaling_base ** encoding.precision_integral))
     config = keras_model.get_config()
@@ -418,4 +426,4 @@ def share_model(keras_model, protocol) -> SecureModel:
     layers[0]["config"]["batch_input_shape"] = (1,) + tuple(keras_model.input_shape[1:])
     private_model = tfe.keras.models.Sequential.from_config(config)
     private_model.set_weights(keras_model.get_weights())
-    return SecureModel(protocol, private_model, peak, divisor)
+    return private_model, peak, divisor

@@ -6,9 +6,9 @@ import threading
 import time
 from typing import List, NamedTuple, Sequence
 
-from .serve import READY
+from .commands.serve import READY
 
-SERVE_MODULE = "private_predictions.serve"
+SERVE_MODULE = "private_predictions.commands.serve"
 
 
 class ServingProcess(NamedTuple):
@@ -33,7 +33,7 @@ def start_serving_process(config_path, timeout: float = 120.0,
     """Run this module in a child process, sharing the model and serving it until stopped.
 
     Waits at most ``timeout`` s for the child to say it is serving, and kills it otherwise.
-    ``launcher`` runs it elsewhere, as in :func:`private_predictions.cluster.start_player`.
+    ``launcher`` runs it elsewhere, as in :func:`private_predictions.cluster.start_server`.
     """
     process = subprocess.Popen([*launcher, sys.executable, "-m", SERVE_MODULE, str(config_path)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,4 +1,4 @@
-"""Serve the trained model on a running cluster: ``python -m private_predictions.serve CONFIG``.
+"""Serve the trained model on a running cluster: ``python -m private_predictions.commands.serve CONFIG``.
 
 For the model owner's machine in a multi-host deployment (and the tests).
 """
@@ -6,11 +6,11 @@ import argparse
 import sys
 import time
 
-from .cluster import RemoteCluster
-from .model import load_logits_model
-from .protocol import connect
-from .serving import ServingConflictError, share_model
-from .watch import ServerUnreachableError
+from ..cluster import RemoteCluster
+from ..model import load_logits_model
+from ..protocol import connect
+from ..serving import ServingConflictError, share_model
+from ..watch import ServerUnreachableError
 
 
 def main(argv=None) -> None:

@@ -1,4 +1,4 @@
-"""One TF Encrypted server: ``python -m private_predictions.player CONFIG NAME``.
+"""One TF Encrypted server: ``python -m private_predictions.commands.server CONFIG NAME``.
 
 Started by :class:`private_predictions.cluster.LocalCluster`, or by hand on each
 machine of a multi-host deployment.
@@ -9,11 +9,11 @@ import io
 import sys
 from typing import List, Optional
 
-PLAYER_MODULE = "private_predictions.player"
+SERVER_MODULE = "private_predictions.commands.server"
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m {PLAYER_MODULE}", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {SERVER_MODULE}", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="cluster configuration file (JSON)")
     parser.add_argument("name", help="which server to run: server0, server1 or server2")
     # Set by LocalCluster, so that a later start can tell an abandoned server of its own.
@@ -24,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
 
 def command(config_path, name: str, python: str = sys.executable, started_by: Optional[int] = None,
             cluster_file=None) -> List[str]:
-    arguments = [python, "-m", PLAYER_MODULE, str(config_path), name]
+    arguments = [python, "-m", SERVER_MODULE, str(config_path), name]
     if started_by is not None:
         arguments += ["--started-by", str(started_by), "--cluster-file", str(cluster_file)]
     return arguments
@@ -36,7 +36,7 @@ def parse_command(arguments: List[str]) -> Optional[argparse.Namespace]:
         start = arguments.index("-m")
     except ValueError:
         return None
-    if arguments[start + 1:start + 2] != [PLAYER_MODULE]:
+    if arguments[start + 1:start + 2] != [SERVER_MODULE]:
         return None
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # argparse's complaint is not ours to print
@@ -47,9 +47,9 @@ def parse_command(arguments: List[str]) -> Optional[argparse.Namespace]:
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    from . import _tf  # noqa: F401  (refuses to start without secure randomness)
-    from .config import ClusterConfig
-    from .protocol import tfe_config
+    from .. import _tf  # noqa: F401  (refuses to start without secure randomness)
+    from ..config import ClusterConfig
+    from ..protocol import tfe_config
 
     config = ClusterConfig.load(args.config)
     if args.name not in config.hosts:

@@ -1,4 +1,4 @@
-"""Ask the served model about MNIST test images: ``python -m private_predictions.query CONFIG``.
+"""Ask the served model about MNIST test images: ``python -m private_predictions.commands.predict CONFIG``.
 
 Prints one JSON object a line: index, label, private prediction and private logits.
 Used by the tests to run many clients at once, and as a client on another machine.
@@ -8,8 +8,8 @@ import json
 import os
 import sys
 
-from .client import PrivateClient
-from .data import load_mnist
+from ..client import PrivateClient
+from ..data import load_mnist
 
 
 def main(argv=None) -> None:
