@@ -25,7 +25,7 @@ from ._tf import tf
 PREFIX = "private-predictions"
 CAPACITY = 64
 # Larger batches gain little speed (a few per cent from 32 to 128) and cost the servers memory
-# (1.6 GiB each at 128, measured): 64 keeps a benchmark's processes under 6 GB together.
+# (up to 1.7 GiB each at 128, measured): 64 keeps a benchmark's processes under 6 GB together.
 MAX_BATCH_SIZE = 64
 REQUEST_DTYPES = (tf.string, tf.int64)  # client id, batch size
 
