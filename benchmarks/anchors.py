@@ -1,9 +1,14 @@
-"""Reference points for the benchmark, measured on the same servers in the same run.
+"""Reference points for the benchmark, measured on the same servers, interleaved with the series.
 
-    python benchmarks/anchors.py stock-serve CONFIG QUERIES     # tf-encrypted's own QueueServer
-    python benchmarks/anchors.py stock-query CONFIG QUERIES     # its QueueClient; prints one JSON line
-    python benchmarks/anchors.py compute-only CONFIG QUERIES    # the series' protocol, no queues
-    python benchmarks/anchors.py compute-only-aby3 CONFIG QUERIES   # the other protocol, no queues
+    python benchmarks/anchors.py stock-serve CONFIG          # tf-encrypted's own QueueServer, until killed
+    python benchmarks/anchors.py ROLE CONFIG QUERIES         # ROLE: stock-query, compute-only, compute-only-aby3
+
+A measuring role warms up, prints ``ready``, then runs one block of QUERIES timed calls for
+each line it reads (``1``: batches of one image; ``32``: batches of 32, with the loopback
+traffic of one more call) and prints the block's times as one JSON line. When its input
+closes it prints what it measured once (peak memory, logit error) and exits. The benchmark
+asks each path for its blocks in turn, so that a machine that slows down over the minutes
+of a run slows every path alike.
 
 * stock: ``tfe.serving.QueueServer``/``QueueClient`` with stock SecureNN and its default
   fixed point, batch 1, as tf-encrypted ships them (the client reveals the result on the servers,
@@ -21,6 +26,7 @@ import time
 import numpy as np
 
 WARM_UP = 5
+SHAPE = (1, 28, 28, 1)
 
 
 def peak_rss_bytes(pid="self") -> int:
@@ -35,15 +41,13 @@ def loopback_bytes() -> int:
     return int(open("/sys/class/net/lo/statistics/tx_bytes").read())
 
 
-def median_ms(function, queries):
-    for _ in range(WARM_UP):
-        function()
+def seconds_of(function, queries):
     times = []
     for _ in range(queries):
         start = time.perf_counter()
         function()
         times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
+    return times
 
 
 def private_model_for(protocol, keras_model):
@@ -54,54 +58,75 @@ def private_model_for(protocol, keras_model):
     return private_model
 
 
-def main(argv):
-    role, config_path, queries = argv[0], argv[1], int(argv[2])
-    from private_predictions import load_logits_model, load_mnist
-    from private_predictions._tf import tf, tfe
-    from private_predictions.config import ClusterConfig
-    from private_predictions.protocol import connect, tfe_config
+def stock_protocol(config):
+    from private_predictions._tf import tfe
+    from private_predictions.protocol import tfe_config
 
-    config = ClusterConfig.load(config_path)
-    (_, _), (x_test, _) = load_mnist()
-    shape = (1, 28, 28, 1)
-    if role.startswith("stock"):
-        tfe.set_config(tfe_config(config))
-        tfe.get_config().connect_servers()
-        protocol = tfe.protocol.SecureNN()
-        tfe.set_protocol(protocol)
-        if role == "stock-serve":
-            model = private_model_for(protocol, load_logits_model())
-            server = tfe.serving.QueueServer(input_shape=shape, output_shape=(1, 10), computation_fn=model)
-            print("serving", flush=True)
-            server.run(WARM_UP + queries)
-            print(json.dumps({"peak_rss_bytes": peak_rss_bytes()}), flush=True)
-        else:
-            client = tfe.serving.QueueClient(input_shape=shape, output_shape=(1, 10))
-            image = x_test[:1].astype(np.float64)
-            print(json.dumps({"batch1_median_ms": median_ms(lambda: client.run(image), queries),
-                              "peak_rss_bytes": peak_rss_bytes()}), flush=True)
-        return
+    tfe.set_config(tfe_config(config))
+    tfe.get_config().connect_servers()
+    protocol = tfe.protocol.SecureNN()
+    tfe.set_protocol(protocol)
+    return protocol
+
+
+def measuring_calls(role, config, x_test):
+    """{"1": call, "32": call} for this role, and a function returning what it measures once."""
+    from private_predictions import load_logits_model
+    from private_predictions._tf import tf, tfe
+    from private_predictions.protocol import connect
+
+    if role == "stock-query":
+        stock_protocol(config)
+        client = tfe.serving.QueueClient(input_shape=SHAPE, output_shape=(1, 10))
+        image = x_test[:1].astype(np.float64)
+        return {"1": lambda: client.run(image)}, dict
     protocol = connect(config)
     if role == "compute-only-aby3":
         protocol = tfe.protocol.ABY3()
         tfe.set_protocol(protocol)
     model = private_model_for(protocol, load_logits_model())
-    results = {}
-    for batch in (1, 32):
-        @tf.function
-        def compute(images):
-            x = protocol.define_private_input("server0", lambda: images)
-            return model(x).reveal().to_native()
 
-        images = tf.constant(x_test[:batch].astype(np.float64))
-        results[f"batch{batch}_median_ms"] = median_ms(lambda: compute(images).numpy(), queries)
+    @tf.function
+    def compute(images):
+        x = protocol.define_private_input("server0", lambda: images)
+        return model(x).reveal().to_native()
+
+    batches = {str(size): tf.constant(x_test[:size].astype(np.float64)) for size in (1, 32)}
+
+    def once():
+        plain = load_logits_model()(x_test[:32]).numpy()
+        return {"max_abs_logit_error_32_images": float(np.abs(compute(batches["32"]).numpy() - plain).max())}
+    return {size: (lambda images=images: compute(images).numpy()) for size, images in batches.items()}, once
+
+
+def main(argv):
+    role, config_path = argv[0], argv[1]
+    from private_predictions import load_logits_model, load_mnist
+    from private_predictions._tf import tfe
+    from private_predictions.config import ClusterConfig
+
+    config = ClusterConfig.load(config_path)
+    (_, _), (x_test, _) = load_mnist()
+    if role == "stock-serve":
+        protocol = stock_protocol(config)
+        model = private_model_for(protocol, load_logits_model())
+        server = tfe.serving.QueueServer(input_shape=SHAPE, output_shape=(1, 10), computation_fn=model)
+        print("serving", flush=True)
+        server.run()
+        return
+    queries = int(argv[2])
+    calls, once = measuring_calls(role, config, x_test)
+    for call in calls.values():
+        seconds_of(call, WARM_UP)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        call = calls[line.strip()]
+        block = {"seconds": seconds_of(call, queries)}
         sent = loopback_bytes()
-        compute(images).numpy()
-        results[f"batch{batch}_loopback_bytes_per_image"] = (loopback_bytes() - sent) / batch
-    plain = load_logits_model()(x_test[:32]).numpy()  # the images of the last batch measured
-    results["max_abs_logit_error_32_images"] = float(np.abs(compute(images).numpy() - plain).max())
-    results["peak_rss_bytes"] = peak_rss_bytes()
-    print(json.dumps(results), flush=True)
+        call()
+        block["loopback_bytes"] = loopback_bytes() - sent
+        print(json.dumps(block), flush=True)
+    print(json.dumps({**once(), "peak_rss_bytes": peak_rss_bytes()}), flush=True)
 
 
 if __name__ == "__main__":

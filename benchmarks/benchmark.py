@@ -30,29 +30,44 @@ sys.path.insert(0, str(Path(__file__).parent))
 from anchors import loopback_bytes, peak_rss_bytes  # noqa: E402
 
 ANCHORS = Path(__file__).parent / "anchors.py"
-ANCHOR_QUERIES = 40
+ROUNDS = 5  # batch-1 blocks per path, taken in turn
 
 
-def anchor(role: str, config_path: Path) -> dict:
-    """Run one of anchors.py's measurements on the running cluster; return what it printed last."""
-    lines = subprocess.run([sys.executable, str(ANCHORS), role, str(config_path), str(ANCHOR_QUERIES)],
-                           capture_output=True, text=True, timeout=900, check=True).stdout.splitlines()
-    return json.loads(lines[-1])
+class Anchor:
+    """One of anchors.py's measuring processes: it runs a block of timed calls when asked."""
+
+    def __init__(self, role: str, config_path: Path, queries: int):
+        self.process = subprocess.Popen([sys.executable, str(ANCHORS), role, str(config_path), str(queries)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        text=True)
+        self.seconds = {}
+        self.loopback_bytes = {}
+        if self.process.stdout.readline() != "ready\n":
+            raise RuntimeError(f"anchors.py {role} did not start (exit code {self.process.wait(60)})")
+
+    def block(self, batch: int) -> None:
+        self.process.stdin.write(f"{batch}\n")
+        self.process.stdin.flush()
+        block = json.loads(self.process.stdout.readline())
+        self.seconds.setdefault(batch, []).extend(block["seconds"])
+        self.loopback_bytes[batch] = block["loopback_bytes"]
+
+    def finish(self) -> dict:
+        self.process.stdin.close()
+        results = json.loads(self.process.stdout.readline())
+        self.process.wait(60)
+        for batch, seconds in self.seconds.items():
+            results[f"batch{batch}_median_ms"] = percentile_ms(seconds, 50)
+            results[f"batch{batch}_loopback_bytes_per_image"] = self.loopback_bytes[batch] / batch
+        return results
 
 
-def stock_tfe_serving(config_path: Path) -> dict:
-    """tf-encrypted's own QueueServer and QueueClient, at batch 1, each in a process of its own."""
-    server = subprocess.Popen([sys.executable, str(ANCHORS), "stock-serve", str(config_path), str(ANCHOR_QUERIES)],
+def start_stock_serving(config_path: Path) -> subprocess.Popen:
+    server = subprocess.Popen([sys.executable, str(ANCHORS), "stock-serve", str(config_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert server.stdout.readline().startswith("serving")
-        result = anchor("stock-query", config_path)
-        result["serving_peak_rss_bytes"] = json.loads(server.stdout.readline())["peak_rss_bytes"]
-        server.wait(60)
-    finally:
-        server.kill()
-        server.wait(10)
-    return result
+    if not server.stdout.readline().startswith("serving"):
+        raise RuntimeError(f"tf-encrypted's QueueServer did not start (exit code {server.wait(60)})")
+    return server
 
 
 def percentile_ms(seconds, q):
@@ -86,14 +101,17 @@ def main(argv=None):
                            "cpus": len(os.sched_getaffinity(0))}}
 
     with LocalCluster.start(config_path=output / "cluster.json") as cluster:
-        print("measuring tf-encrypted's own serving, and the secure computation alone ...", flush=True)
-        results["stock_tfe_serving"] = stock_tfe_serving(cluster.config_path)
-        results["compute_only"] = anchor("compute-only", cluster.config_path)
-        results["compute_only_aby3"] = anchor("compute-only-aby3", cluster.config_path)
-        serving, results["secure_model_seconds"], _, _ = start_serving_process(cluster.config_path)
+        print("starting tf-encrypted's own serving, the secure computation alone, and the series ...", flush=True)
+        stock_server = start_stock_serving(cluster.config_path)
+        serving, anchors = None, {}
         try:
+            per_block = max(1, args.latency_queries // ROUNDS)
+            anchors = {"stock_tfe_serving": Anchor("stock-query", cluster.config_path, per_block),
+                       "compute_only": Anchor("compute-only", cluster.config_path, per_block),
+                       "compute_only_aby3": Anchor("compute-only-aby3", cluster.config_path, per_block)}
+            serving, results["secure_model_seconds"], _, _ = start_serving_process(cluster.config_path)
             client = PrivateClient.connect(cluster.config_path, timeout=60)
-            steps = len(BATCH_SIZES) + args.latency_queries + len(BATCH_SIZES) * args.throughput_queries
+            steps = len(BATCH_SIZES) + per_block * ROUNDS + len(BATCH_SIZES) * args.throughput_queries
             steps += -(-len(x_test) // MAX_BATCH_SIZE)
             with tqdm(total=steps, desc="benchmark", unit="query") as progress:
                 for batch in BATCH_SIZES:  # trace each batch size once before timing
@@ -101,14 +119,24 @@ def main(argv=None):
                     plaintext_call(x_test[:batch])
                     progress.update(1)
 
-                one = x_test[:1]
-                private = time_calls(lambda: client.predict_logits(one), args.latency_queries, progress)
-                plaintext = time_calls(lambda: plaintext_call(one).numpy(), args.latency_queries)
+                # The paths take turns, block by block: a slower minute slows all of them alike.
+                one, private = x_test[:1], []
+                for _ in range(ROUNDS):
+                    private += time_calls(lambda: client.predict_logits(one), per_block, progress)
+                    for path in anchors.values():
+                        path.block(1)
+                for name in ("compute_only", "compute_only_aby3"):
+                    anchors[name].block(32)
+                for name, path in anchors.items():
+                    results[name] = path.finish()
+                results["stock_tfe_serving"]["serving_peak_rss_bytes"] = peak_rss_bytes(stock_server.pid)
+                stock_server.kill()
+                plaintext = time_calls(lambda: plaintext_call(one).numpy(), per_block * ROUNDS)
                 results["batch1"] = {
                     "private_median_ms": percentile_ms(private, 50),
                     "private_p95_ms": percentile_ms(private, 95),
                     "plaintext_median_ms": percentile_ms(plaintext, 50),
-                    "queries": args.latency_queries,
+                    "queries": len(private),
                 }
                 results["batch1"]["ratio"] = (results["batch1"]["private_median_ms"]
                                               / results["batch1"]["plaintext_median_ms"])
@@ -159,8 +187,10 @@ def main(argv=None):
             results["peak_rss_bytes"]["model owner (serving)"] = peak_rss_bytes(serving.pid)
             results["peak_rss_bytes"]["client"] = peak_rss_bytes(os.getpid())
         finally:
-            serving.kill()
-            serving.wait(10)
+            for process in [stock_server, serving] + [path.process for path in anchors.values()]:
+                if process is not None:
+                    process.kill()
+                    process.wait(10)
 
     (output / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, output / "benchmark.png")
@@ -206,7 +236,7 @@ def table(results) -> str:
         "peak resident memory: " + ", ".join(f"{name} {rss / 2**30:.2f} GiB"
                                             for name, rss in results["peak_rss_bytes"].items()),
         f"all processes together: {sum(results['peak_rss_bytes'].values()) / 2**30:.2f} GiB "
-        f"(the anchors ran before, in processes of their own: stock serving "
+        f"(the anchors' processes, ended before the throughput runs: stock serving "
         f"{stock['serving_peak_rss_bytes'] / 2**30:.2f} GiB, stock client {stock['peak_rss_bytes'] / 2**30:.2f} GiB, "
         f"compute only {compute['peak_rss_bytes'] / 2**30:.2f} GiB)",
     ]
