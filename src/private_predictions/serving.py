@@ -303,17 +303,18 @@ class _Session:
         if self.expected is None:
             return BackgroundCall(lambda: (*take_request(self.requests), False), name="waiting for a request")
         client_id, bucket = self.expected
+        queues = self.model._queues_of(client_id)
 
         def listen():
-            asker, batch, answered = self._run_answer(bucket, True, "", 0, client_id)
+            asker, batch, answered = self._run_answer(bucket, True, "", 0, queues)
             return asker.numpy().decode(errors="replace"), int(batch), bool(answered)
         return BackgroundCall(listen, name="waiting for a request")
 
-    def _run_answer(self, bucket: int, take_next: bool, given_client: str, given_batch: int, expected_client: str):
-        queues = self.model._queues_of(expected_client)
+    def _run_answer(self, bucket: int, take_next: bool, given_client: str, given_batch: int, queues: ClientQueues):
+        """The bucket's computation, expecting a request from the client of ``queues``."""
         return self.model._answer_function(bucket)(
             self.requests.handle, tf.constant(take_next), tf.constant(given_client),
-            tf.constant(given_batch, tf.int64), tf.constant(expected_client),
+            tf.constant(given_batch, tf.int64), tf.constant(queues.client_id),
             *(queue.handle for queue in queues.inputs + queues.outputs))
 
     def _expected_failed(self, error: tf.errors.OpError) -> str:
@@ -381,8 +382,9 @@ class _Session:
 
     def _answer(self, client_id: str, batch: int) -> Optional[str]:
         bucket = next(size for size in BATCH_BUCKETS if size >= batch)
+        queues = self.model._queues_of(client_id)
         try:
-            if not self._call(self._run_answer, bucket, False, client_id, batch, client_id)[2]:
+            if not self._call(self._run_answer, bucket, False, client_id, batch, queues)[2]:
                 return None  # its shares have not all arrived
         except tf.errors.InvalidArgumentError:
             self._refuse(client_id)
