@@ -84,7 +84,8 @@ def measuring_calls(role, config, x_test):
     if role == "compute-only-aby3":
         protocol = tfe.protocol.ABY3()
         tfe.set_protocol(protocol)
-    model = private_model_for(protocol, load_logits_model())
+    keras_model = load_logits_model()
+    model = private_model_for(protocol, keras_model)
 
     @tf.function
     def compute(images):
@@ -94,7 +95,7 @@ def measuring_calls(role, config, x_test):
     batches = {str(size): tf.constant(x_test[:size].astype(np.float64)) for size in (1, 32)}
 
     def once():
-        plain = load_logits_model()(x_test[:32]).numpy()
+        plain = keras_model(x_test[:32]).numpy()
         return {"max_abs_logit_error_32_images": float(np.abs(compute(batches["32"]).numpy() - plain).max())}
     return {size: (lambda images=images: compute(images).numpy()) for size, images in batches.items()}, once
 

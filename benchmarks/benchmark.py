@@ -216,7 +216,8 @@ def table(results) -> str:
     ]
     for name, row in (("SecureNN (the series)", compute), ("ABY3", results["compute_only_aby3"])):
         lines.append(f"  {name:<22} {row['batch1_median_ms']:6.1f} ms {row['batch32_median_ms'] / 32:6.1f} ms "
-                     f"{row['batch32_loopback_bytes_per_image'] / 1e6:6.2f} MB {row['max_abs_logit_error_32_images']:.4f}")
+                     f"{row['batch32_loopback_bytes_per_image'] / 1e6:6.2f} MB "
+                     f"{row['max_abs_logit_error_32_images']:.4f}")
     lines += [
         "",
         f"batch-1 latency: private median {b1['private_median_ms']:.1f} ms, p95 {b1['private_p95_ms']:.1f} ms; "

@@ -64,7 +64,8 @@ def test_busy_port_is_named_with_its_process(tmp_path):
 
 def start_lone_server0(config_path, started_by):
     """server0 as LocalCluster would start it on behalf of ``started_by``, but with no link to it."""
-    server = subprocess.Popen(server_command.command(config_path, "server0", started_by=started_by, cluster_file=config_path.resolve()),
+    server = subprocess.Popen(server_command.command(config_path, "server0", started_by=started_by,
+                                                     cluster_file=config_path.resolve()),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not port_is_open(*ClusterConfig.load(config_path).address("server0")):

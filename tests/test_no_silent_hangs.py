@@ -16,7 +16,7 @@ from private_predictions import (PrivateClient, RequestRefusedError, ServingConf
 from private_predictions import client as client_module
 from private_predictions.commands import server as server_command
 from private_predictions.ports import find_free_base_port, listens_on
-from private_predictions.queues import MAX_BATCH_SIZE, NOBODY, SERVING_SILENCE
+from private_predictions.queues import MAX_BATCH_SIZE, someone_serves
 from private_predictions.waiting import bounded, wait_until
 from private_predictions.tooling import start_serving_process
 from private_predictions.watch import ServerUnreachableError
@@ -184,13 +184,9 @@ def test_interrupting_a_waiting_query_returns_at_once_and_the_next_query_gets_it
         own_deployment, tmp_path, test_images, plaintext):
     own_deployment.serving.stop()
     own_deployment.serving = None
-
-    def nobody_serves():
-        owner, age = own_deployment.client.lease.read()
-        return owner == NOBODY or age > SERVING_SILENCE
-
     # Once the killed side's lease has aged out, the query waits for a serving side and no fault ends that wait.
-    wait_until(nobody_serves, 30, "the killed serving side's lease never aged out")
+    wait_until(lambda: not someone_serves(*own_deployment.client.lease.read()), 30,
+               "the killed serving side's lease never aged out")
     process = interrupt("predict", own_deployment.cluster.config_path, tmp_path)
     try:
         own_deployment.serving = start_serving_process(own_deployment.cluster.config_path)

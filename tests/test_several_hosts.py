@@ -18,8 +18,8 @@ def test_a_private_prediction_with_each_party_on_a_host_of_its_own(network, serv
     try:
         traffic_before = {name: network.bytes_through(name) for name in SERVER_NAMES}
         query = subprocess.run(
-            [*network.launcher("client"), sys.executable, "-m", "private_predictions.commands.predict", str(config_path),
-             "--first", str(FIRST), "--count", str(COUNT), "--timeout", "50"],
+            [*network.launcher("client"), sys.executable, "-m", "private_predictions.commands.predict",
+             str(config_path), "--first", str(FIRST), "--count", str(COUNT), "--timeout", "50"],
             capture_output=True, text=True, timeout=55)
     finally:
         serving.stop()

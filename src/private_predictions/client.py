@@ -16,7 +16,8 @@ from .config import ClusterConfig
 from .data import IMAGE_SHAPE
 from .paths import CLUSTER_CONFIG_PATH
 from .protocol import LOCAL_DEVICE, connect
-from .queues import MAX_BATCH_SIZE, NOBODY, SERVING_SILENCE, ClientQueues, ServingLease, request_queue
+from .queues import (MAX_BATCH_SIZE, NOBODY, SERVING_SILENCE, ClientQueues, ServingLease, request_queue,
+                     someone_serves)
 from .waiting import BackgroundCall, bounded, wait_for
 from .watch import ServerWatch
 
@@ -124,7 +125,7 @@ class PrivateClient:
     def _serving_side(self, deadline: float) -> None:
         """Find the request queue of the side that serves now, waiting for one until ``deadline``."""
         owner, age = self._quick(self.lease.read)
-        if owner != NOBODY and age <= SERVING_SILENCE:
+        if someone_serves(owner, age):
             if owner != self._session or self._requests is None:
                 self._requests = self._quick(request_queue, self.protocol, owner)
                 self._session = owner
@@ -137,8 +138,7 @@ class PrivateClient:
                  "(the serve cell of notebooks/02_secure_serving.ipynb)...")
         while True:
             time.sleep(0.1)
-            owner, age = self._quick(self.lease.read)
-            if owner != NOBODY and age <= SERVING_SILENCE:
+            if someone_serves(*self._quick(self.lease.read)):
                 return self._serving_side(deadline)
             if time.monotonic() > deadline:
                 raise TimeoutError("No answer from the served model: nothing served the servers in time. "
@@ -196,7 +196,8 @@ class PrivateClient:
         call = BackgroundCall(self.queues.ask, self._requests, share0, share1, name="waiting for an answer")
         return wait_for(call, max(0.0, deadline - time.monotonic()),
                         f"No answer from the served model within {timeout:.0f} s. Is "
-                        "notebooks/02_secure_serving.ipynb serving requests?", watches=[self.servers.check, self.check_serving])
+                        "notebooks/02_secure_serving.ipynb serving requests?",
+                        watches=[self.servers.check, self.check_serving])
 
     def _abandon_queues(self) -> None:
         """Leave this client's queues after a failed query, without a call that could fail anew.

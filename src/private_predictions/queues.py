@@ -72,10 +72,12 @@ def _close(handle):
     return gen_data_flow_ops.queue_size_v2(handle)
 
 
-@tf.function
-def _dequeue_pair(handle0, handle1):
+def _dequeue_both(handle0, handle1):
     return (gen_data_flow_ops.queue_dequeue_v2(handle0, [tf.int64])[0],
             gen_data_flow_ops.queue_dequeue_v2(handle1, [tf.int64])[0])
+
+
+_dequeue_pair = tf.function(_dequeue_both)
 
 
 @tf.function
@@ -107,8 +109,7 @@ def _ask(input0, input1, output0, output1, requests, share0, share1, client_id, 
         requested = gen_data_flow_ops.queue_enqueue_v2(requests, [client_id, batch])
     # Sending and waiting for the answer in one call saves a round trip per query.
     with tf.control_dependencies([requested]):
-        return (gen_data_flow_ops.queue_dequeue_v2(output0, [tf.int64])[0],
-                gen_data_flow_ops.queue_dequeue_v2(output1, [tf.int64])[0])
+        return _dequeue_both(output0, output1)
 
 
 class ClientQueues:
@@ -165,6 +166,11 @@ def take_request(requests: SharedQueue) -> Tuple[str, int]:
 NOBODY = ""
 # A serving side whose lease was not renewed for this long is gone.
 SERVING_SILENCE = 5.0
+
+
+def someone_serves(owner: str, age: float) -> bool:
+    """Whether a lease read as (owner, age) names a serving side that is still there."""
+    return owner != NOBODY and age <= SERVING_SILENCE
 
 
 class ServingLease:

@@ -13,7 +13,7 @@ from ._tf import tf, tfe
 from .config import ClusterConfig
 from .data import IMAGE_SHAPE
 from .queues import (MAX_BATCH_SIZE, NOBODY, REQUEST_DTYPES, SERVING_SILENCE, ClientQueues, ServingLease,
-                     request_queue, take_request)
+                     request_queue, someone_serves, take_request)
 from .value_range import fitting
 from .waiting import WATCH_INTERVAL, BackgroundCall, bounded, wait_for
 from .watch import ServerUnreachableError, ServerWatch, first_dead_server
@@ -174,7 +174,7 @@ class _Session:
         model = self.model
         owner, age = model._quick(model.lease.read)
         stale_after = SERVING_SILENCE
-        if owner != NOBODY and age <= SERVING_SILENCE:
+        if someone_serves(owner, age):
             # A live serving side renews its lease twice a second; one killed a moment ago does not.
             time.sleep(2 * WATCH_INTERVAL)
             later_owner, later_age = model._quick(model.lease.read)
