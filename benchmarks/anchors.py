@@ -50,11 +50,17 @@ def seconds_of(function, queries):
     return times
 
 
-def private_model_for(protocol, keras_model):
-    from private_predictions.serving import private_keras_model
+def tfe_keras_model(protocol, keras_model):
+    """``keras_model`` as tf-encrypted's own Keras layers over ``protocol``: what stock serving runs."""
+    from private_predictions._tf import tfe
 
-    private_model, _, divisor = private_keras_model(keras_model, protocol)
-    assert divisor == 1, "the model does not fit this encoding as it is"
+    config = keras_model.get_config()
+    # tfe.keras builds its layers for a concrete batch size, then accepts any; it
+    # skips Keras's InputLayer and reads the shape from the first real layer.
+    layers = [layer for layer in config["layers"] if layer["class_name"] != "InputLayer"]
+    layers[0]["config"]["batch_input_shape"] = (1,) + tuple(keras_model.input_shape[1:])
+    private_model = tfe.keras.models.Sequential.from_config(config)
+    private_model.set_weights(keras_model.get_weights())
     return private_model
 
 
@@ -74,6 +80,7 @@ def measuring_calls(role, config, x_test):
     from private_predictions import load_logits_model
     from private_predictions._tf import tf, tfe
     from private_predictions.protocol import connect
+    from private_predictions.serving import secret_network
 
     if role == "stock-query":
         stock_protocol(config)
@@ -85,7 +92,11 @@ def measuring_calls(role, config, x_test):
         protocol = tfe.protocol.ABY3()
         tfe.set_protocol(protocol)
     keras_model = load_logits_model()
-    model = private_model_for(protocol, keras_model)
+    if role == "compute-only-aby3":
+        model = tfe_keras_model(protocol, keras_model)
+    else:
+        model, _, divisor = secret_network(keras_model, protocol)
+        assert divisor == 1, "the model does not fit this encoding as it is"
 
     @tf.function
     def compute(images):
@@ -110,7 +121,7 @@ def main(argv):
     (_, _), (x_test, _) = load_mnist()
     if role == "stock-serve":
         protocol = stock_protocol(config)
-        model = private_model_for(protocol, load_logits_model())
+        model = tfe_keras_model(protocol, load_logits_model())
         server = tfe.serving.QueueServer(input_shape=SHAPE, output_shape=(1, 10), computation_fn=model)
         print("serving", flush=True)
         server.run()

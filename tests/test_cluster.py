@@ -37,7 +37,8 @@ def test_a_restarted_or_killed_notebook_kernel_leaves_no_server(tmp_path, end):
         printed = []
         kernel.execute_interactive(
             "from private_predictions import LocalCluster\n"
-            f"cluster = LocalCluster.start(base_port={find_free_base_port()}, config_path={str(tmp_path / 'c.json')!r})\n"
+            f"cluster = LocalCluster.start(base_port={find_free_base_port()}, "
+            f"config_path={str(tmp_path / 'c.json')!r})\n"
             "print(*cluster.pids.values())",
             timeout=60,
             output_hook=lambda message: printed.append(message["content"].get("text", "")))

@@ -8,10 +8,10 @@ import numpy as np
 from private_predictions import LocalCluster, PrivateClient, connect, load_logits_model, load_mnist, share_model
 from private_predictions._tf import tf
 
-# Where tf-encrypted reconstructs a value from its two shares after adding fresh randomness to it:
-# interactive truncation (a statistical mask), and SecureNN's ReLU (x + r for a fresh random r in
-# its least-significant-bit step, and masked bits in its private comparison).
-MASKING = {"_truncate_private_interactive", "_lsb_private", "_private_compare"}
+# Where a value is rebuilt from its two shares after fresh randomness was added to it: tf-encrypted's
+# interactive truncation (a statistical mask) and the series' ReLU (relu.py: x + r for a random r,
+# the comparison's numbers masked and rotated, the multiplication's operands minus random ones).
+MASKING = {"_truncate_private_interactive", "_open_masked"}
 
 
 def test_the_serving_side_reveals_only_masked_values(tmp_path, monkeypatch):
@@ -40,7 +40,7 @@ def test_the_serving_side_reveals_only_masked_values(tmp_path, monkeypatch):
             logits = client.predict_logits(x_test[:1], timeout=60)
             serving.join(60)
             assert logits.argmax() == load_logits_model()(x_test[:1]).numpy().argmax()
-            # The hook saw the served computation (SecureNN's ReLU does reconstruct masked values),
+            # The hook saw the served computation (its ReLU does rebuild masked values),
             # and every reconstruction in it was of a masked value.
             assert seen
             assert all(frames & MASKING for frames in seen)

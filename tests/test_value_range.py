@@ -7,7 +7,7 @@ import pytest
 from private_predictions import load_logits_model, load_mnist, share_model
 from private_predictions._tf import tf
 from private_predictions.protocol import FIXED_POINT
-from private_predictions.value_range import MAX_SCALE_DOWN, ValueRangeError, bounds, fitting
+from private_predictions.value_range import MAX_SCALE_DOWN, ValueRangeError, bounds, fitting, servers_factors
 
 LIMIT = FIXED_POINT.scaling_base ** FIXED_POINT.precision_integral
 
@@ -18,9 +18,9 @@ def model():
 
 
 def largest_values(model, images):
-    """Each layer's largest magnitude on ``images``, computed in the open."""
+    """Each layer's largest magnitude on ``images`` as the servers hold it, computed in the open."""
     outputs = tf.keras.Model(model.inputs, [layer.output for layer in model.layers])(images)
-    return [float(np.abs(output).max()) for output in outputs]
+    return [factor * float(np.abs(output).max()) for output, factor in zip(outputs, servers_factors(model))]
 
 
 def test_the_bound_holds_for_real_random_and_extreme_images(model):
@@ -32,6 +32,19 @@ def test_the_bound_holds_for_real_random_and_extreme_images(model):
     proven = [bound for _, bound in bounds(model)]
     for seen, bound in zip(largest_values(model, images), proven):
         assert seen <= bound * (1 + 1e-6)
+
+
+def test_the_servers_sum_where_keras_averages_until_the_next_weighted_layer(model):
+    kinds = [type(layer).__name__ for layer in model.layers]
+    factors = servers_factors(model)
+    for kind, factor, before in zip(kinds, factors, [1.0] + factors[:-1]):
+        if kind in ("Conv2D", "Dense"):
+            assert factor == 1.0
+        elif kind == "AveragePooling2D":
+            assert factor == 4.0 * before
+        else:
+            assert factor == before
+    assert max(factors) == 4.0  # every pooling layer of this model is followed by a convolution or dense layer
 
 
 def test_the_committed_model_fits_the_encoding(model):

@@ -12,6 +12,7 @@ from tensorflow.python.ops import gen_data_flow_ops as queue_ops
 from ._tf import tf, tfe
 from .config import ClusterConfig
 from .data import IMAGE_SHAPE
+from .network import SecretNetwork
 from .queues import (MAX_BATCH_SIZE, NOBODY, REQUEST_DTYPES, SERVING_SILENCE, ClientQueues, ServingLease,
                      request_queue, someone_serves, take_request)
 from .value_range import fitting
@@ -41,9 +42,9 @@ class ServingConflictError(RuntimeError):
 class SecureModel:
     """A Keras model whose weights exist only as secret shares on the servers."""
 
-    def __init__(self, protocol, private_model, value_bound: float, divisor: int = 1):
+    def __init__(self, protocol, network: SecretNetwork, value_bound: float, divisor: int = 1):
         self.protocol = protocol
-        self.private_model = private_model
+        self.network = network
         self.value_bound = value_bound  # proven: no value inside the network is larger, for any image
         self.divisor = divisor  # the servers compute every value divided by this (value_range.fitting)
         self.servers = ServerWatch(ClusterConfig(dict(tfe.get_config().hostmap)), RESTART_ADVICE)
@@ -61,8 +62,7 @@ class SecureModel:
         For teaching only: fetching both shares to one place is exactly what the
         protocol never does with a client's data.
         """
-        share0, share1 = self.private_model.layers[layer].weights[0].unwrapped
-        return share0.read_value().value.numpy(), share1.read_value().value.numpy()
+        return self.network.kernel_shares(layer)
 
     def _answer_function(self, bucket: int):
         """The traced computation that answers a batch of this bucket, made once per bucket.
@@ -115,7 +115,7 @@ class SecureModel:
                     padded = tf.pad(share, [[0, bucket - batch], [0, 0], [0, 0], [0, 0]])
                     shares.append(factory.tensor(tf.reshape(padded, (bucket,) + IMAGE_SHAPE)))
         x = tfe.protocol.pond.PondPrivateTensor(protocol, shares[0], shares[1], True)
-        y0, y1 = self.private_model(x).unwrapped
+        y0, y1 = self.network(x).unwrapped
         # Multiplying each share by a public whole number is exact and needs no message.
         with tf.device(protocol.server_0.device_name):
             answered0 = queue_ops.queue_enqueue_v2(output0, [y0.value[:batch] * self.divisor])
@@ -151,7 +151,7 @@ class SecureModel:
         Call it before stopping the servers: otherwise Python deletes the shares only
         when it exits, after the servers are gone, and complains on the way out.
         """
-        self.private_model = None
+        self.network = None
         self._answer_functions.clear()
         gc.collect()
 
@@ -411,21 +411,15 @@ def share_model(keras_model, protocol) -> SecureModel:
     [0, 1]; computes at a smaller scale a model slightly too large for the fixed-point
     encoding, and refuses (ValueRangeError) one that is far too large.
     """
-    return SecureModel(protocol, *private_keras_model(keras_model, protocol))
+    return SecureModel(protocol, *secret_network(keras_model, protocol))
 
 
-def private_keras_model(keras_model, protocol):
-    """``keras_model`` as a tf-encrypted model over ``protocol`` (its weights secret-shared).
+def secret_network(keras_model, protocol):
+    """``keras_model``'s weights secret-shared for the servers' computation (network.py).
 
     Returns it with the bound proven on its values and the divisor of its scale (value_range.fitting).
     """
     encoding = protocol.fixedpoint_config
-    keras_model, divisor, peak = fitting(keras_model, float(encoding.scaling_base ** encoding.precision_integral))
-    config = keras_model.get_config()
-    # tfe.keras builds its layers for a concrete batch size, then accepts any; it
-    # skips Keras's InputLayer and reads the shape from the first real layer.
-    layers = [layer for layer in config["layers"] if layer["class_name"] != "InputLayer"]
-    layers[0]["config"]["batch_input_shape"] = (1,) + tuple(keras_model.input_shape[1:])
-    private_model = tfe.keras.models.Sequential.from_config(config)
-    private_model.set_weights(keras_model.get_weights())
-    return private_model, peak, divisor
+    limit = float(encoding.scaling_base ** encoding.precision_integral)
+    computed, divisor, peak = fitting(keras_model, limit)
+    return SecretNetwork(protocol, computed, limit), peak, divisor

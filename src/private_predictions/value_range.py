@@ -55,12 +55,31 @@ def _activation(box, name):
     raise ValueRangeError(f"cannot bound the activation {name!r}: the servers run ReLU and linear layers only")
 
 
+def servers_factors(keras_model) -> List[float]:
+    """For each layer, how many times larger its outputs are on the servers than in Keras.
+
+    The servers sum where Keras averages (network.py): from an average pooling layer to the next
+    convolution or dense layer, whose weights are divided by the window's area instead, every
+    value is that area times larger.
+    """
+    factors, factor = [], 1.0
+    for layer in keras_model.layers:
+        kind = type(layer).__name__
+        if kind in ("Conv2D", "Dense"):
+            factor = 1.0
+        elif kind == "AveragePooling2D":
+            factor *= float(np.prod(layer.pool_size))
+        factors.append(factor)
+    return factors
+
+
 def bounds(keras_model, low: float = 0.0, high: float = 1.0) -> List[Tuple[str, float]]:
-    """Each layer's name and the largest magnitude any of its outputs can reach, for inputs in [low, high]."""
+    """Each layer's name and the largest magnitude any of its outputs can reach on the servers,
+    for inputs in [low, high]."""
     shape = (1,) + tuple(keras_model.input_shape[1:])
     box = (np.full(shape, low, np.float64), np.full(shape, high, np.float64))
     found = []
-    for layer in keras_model.layers:
+    for layer, factor in zip(keras_model.layers, servers_factors(keras_model)):
         kind = type(layer).__name__
         if kind == "Conv2D":
             box = _activation(_conv(box, layer), layer.get_config()["activation"])
@@ -74,7 +93,7 @@ def bounds(keras_model, low: float = 0.0, high: float = 1.0) -> List[Tuple[str, 
             box = (box[0].reshape(1, -1), box[1].reshape(1, -1))
         elif kind != "InputLayer":
             raise ValueRangeError(f"cannot bound layer {layer.name} ({kind}): no interval rule for it here")
-        found.append((layer.name, float(max(np.abs(box[0]).max(), np.abs(box[1]).max()))))
+        found.append((layer.name, factor * float(max(np.abs(box[0]).max(), np.abs(box[1]).max()))))
     return found
 
 

@@ -18,7 +18,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("config", help="cluster configuration file naming the three servers")
     parser.add_argument("--requests", type=int, default=None, help="stop after this many (default: never)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for each request (default: no limit)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds to wait for each request (default: no limit)")
     args = parser.parse_args(argv)
     model = load_logits_model()
     protocol = connect(RemoteCluster.join(args.config, args.timeout or 3600.0).config)

@@ -1,0 +1,122 @@
+"""The network as the servers compute it: a Keras model's layers on secret shares.
+
+Three choices make it cheaper than running the same layers through tf-encrypted's Keras layers,
+without changing what anyone learns:
+
+* **Average pooling sums.** Dividing a share by the window's area would cost a round of messages
+  (a truncation); the division moves into the next layer's weights instead, which the model owner
+  divides before sharing them. The values in between are area times larger, and the value-range
+  proof bounds those (value_range.servers_factors).
+* **Products are truncated beside the ReLU, not before it.** A product of two fixed-point numbers
+  carries the scale twice and must be divided once by the scale (a truncation, one message). The
+  ReLU's comparison only needs the sign, which the product has already: the truncation and the
+  comparison run at the same time.
+* **A ReLU that uses the proven bound** (relu.py): it compares 42 bits instead of 64, and needs
+  three message hops.
+"""
+from typing import Dict, List, Tuple
+
+import numpy as np
+from tf_encrypted.protocol.pond.pond import PondPrivateTensor
+
+from ._tf import tf
+from .relu import relu
+from .value_range import servers_factors
+
+NCHW, NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
+
+
+def _bits_below(bound: float) -> int:
+    """The k with bound <= 2^k: values proven below ``bound`` in magnitude fit in k bits and a sign."""
+    return int(np.ceil(np.log2(bound)))
+
+
+class SecretNetwork:
+    """A Keras model's weights as secret shares on the servers, and the computation on them.
+
+    Weights are shared as whole numbers round(w * scale), biases as round(b * scale^2): a
+    product of an input at scale ``scale`` with a weight is then at scale^2 as the bias is.
+    """
+
+    def __init__(self, protocol, keras_model, limit: float):
+        self.protocol = protocol
+        encoding = protocol.fixedpoint_config
+        self.scale = encoding.scaling_factor
+        # Values are proven below ``limit`` (value_range.fitting); at the products' double scale
+        # they are below limit * scale^2, and their signs are compared on that many bits.
+        self.bits_single = _bits_below(limit * self.scale)
+        self.bits_double = _bits_below(limit * float(self.scale) ** 2)
+        self.steps: List[Tuple] = []
+        self.weights: Dict[int, Tuple] = {}
+        factors = servers_factors(keras_model)
+        for index, (layer, area_before) in enumerate(zip(keras_model.layers, [1.0] + factors[:-1])):
+            kind = type(layer).__name__
+            if kind in ("Conv2D", "Dense"):
+                kernel, bias = layer.get_weights()
+                if kind == "Conv2D":
+                    bias = bias.reshape(-1, 1, 1)  # added to NCHW outputs
+                self.weights[index] = (
+                    protocol.define_private_variable(np.round(kernel / area_before * self.scale), apply_scaling=False),
+                    protocol.define_private_variable(np.round(bias * float(self.scale) ** 2), apply_scaling=False))
+                self.steps.append((kind, index, layer))
+                if layer.get_config()["activation"] == "relu":
+                    self.steps.append(("ReLU", index, layer))
+            elif kind == "Activation" and layer.get_config()["activation"] == "relu":
+                self.steps.append(("ReLU", index, layer))
+            elif kind in ("AveragePooling2D", "Flatten"):
+                self.steps.append((kind, index, layer))
+
+    def kernel_shares(self, layer: int):
+        """What server0 and server1 hold of one layer's kernel, as integers (round(w * scale))."""
+        share0, share1 = self.weights[layer][0].unwrapped
+        return share0.read_value().value.numpy(), share1.read_value().value.numpy()
+
+    def __call__(self, x: PondPrivateTensor) -> PondPrivateTensor:
+        """The network's output for ``x`` (NHWC, at the encoding's scale), at the same scale."""
+        protocol = self.protocol
+        x = protocol.transpose(x, perm=NCHW)
+        doubled = False  # whether x still carries the scale twice (an untruncated product)
+        for kind, index, layer in self.steps:
+            if kind in ("Conv2D", "Dense"):
+                if doubled:
+                    x = protocol.truncate(x)
+                kernel, bias = (weight.read_value() for weight in self.weights[index])
+                if kind == "Conv2D":
+                    x = protocol.conv2d(x, kernel, layer.strides, layer.padding.upper())
+                else:
+                    x = protocol.matmul(x, kernel)
+                x, doubled = _add(protocol, x, bias), True
+            elif kind == "AveragePooling2D":
+                x = _sum_pool(protocol, x, layer)
+            elif kind == "ReLU":
+                x = relu(protocol, protocol.truncate(x) if doubled else x,
+                         self.bits_double if doubled else self.bits_single, sign_of=x)
+                doubled = False
+            elif kind == "Flatten":
+                x = protocol.reshape(protocol.transpose(x, perm=NHWC), [x.shape[0], -1])
+        return protocol.truncate(x) if doubled else x
+
+
+def _add(protocol, x, bias):
+    (x0, x1), (b0, b1) = x.unwrapped, bias.unwrapped
+    with tf.device(protocol.server_0.device_name):
+        y0 = x0 + b0
+    with tf.device(protocol.server_1.device_name):
+        y1 = x1 + b1
+    return PondPrivateTensor(protocol, y0, y1, True)
+
+
+def _sum_pool(protocol, x, layer):
+    """Each window's sum, on each server's share alone: a sum of shares is a share of the sum."""
+    height, width = layer.pool_size
+    if tuple(layer.strides) != (height, width) or layer.padding.upper() != "VALID":
+        raise ValueError(f"{layer.name}: the servers pool non-overlapping windows only (strides = pool_size, "
+                         f"padding 'valid'), not strides {layer.strides} with padding {layer.padding!r}")
+    pooled = []
+    for share, device in zip(x.unwrapped, (protocol.server_0.device_name, protocol.server_1.device_name)):
+        with tf.device(device):
+            n, c, h, w = share.shape.as_list()
+            windows = tf.reshape(share.value[:, :, :h // height * height, :w // width * width],
+                                 [n, c, h // height, height, w // width, width])
+            pooled.append(protocol.tensor_factory.tensor(tf.reduce_sum(windows, axis=[3, 5])))
+    return PondPrivateTensor(protocol, pooled[0], pooled[1], x.is_scaled)

@@ -1,0 +1,145 @@
+"""ReLU on secret-shared values that are known to be small, in three message hops.
+
+SecureNN's ReLU, as tf-encrypted 0.9.1 implements it, compares all 64 bits of every value and
+takes two multiplications after its comparison. The values in our network are proven to stay
+below 2^k in magnitude (value_range.py), so only their k lowest bits carry information, and the
+helper server (server2) can prepare the final multiplication in advance. What each server sees:
+
+* server0 and server1 open ``c = x + 2^k + r`` for a random ``r`` that server2 dealt: ``c`` is
+  uniformly random to them, whatever ``x`` is;
+* server2 receives, for each value, k numbers modulo a small prime that are either all non-zero
+  or have exactly one zero, multiplied by random non-zero numbers, re-randomised and rotated by a
+  random amount that only server0 and server1 know; whether a zero is there is XORed with a random
+  bit that only server0 and server1 know. It learns nothing about ``x``;
+* server2 answers with ``e = z - a`` for its own uniformly random ``a``: random to server0 and
+  server1, who each hold only one share of ``a``.
+
+Since ``x + 2^k`` lies in [0, 2^(k+1)), ``x >= 0`` exactly when its bit k is 1. That bit is
+bit k of ``c - r``: bit k of ``c``, XOR bit k of ``r``, XOR the borrow out of the lower k bits,
+which is ``[r mod 2^k > c mod 2^k]``, the comparison of SecureNN's "private compare" (Wagh et
+al. 2019, Algorithm 1), done here on k bits instead of 64.
+"""
+from typing import Optional
+
+from tf_encrypted.operations import secure_random
+from tf_encrypted.protocol.pond.pond import PondPrivateTensor
+
+from ._tf import tf
+
+PRIME = 67  # larger than k + 2 for every k up to 62: a sum of k + 1 bits never wraps to zero
+WORDS = (-2**63, 2**63 - 1)  # uniform 64-bit words, as tf-encrypted samples them
+
+
+def _uniform(shape, seed, low, high, dtype=tf.int64):
+    return secure_random.seeded_random_uniform(shape, minval=low, maxval=high, dtype=dtype, seed=seed)
+
+
+def _low_bits(values, k):
+    """Bits k-1 ... 0 of each 64-bit value, most significant first, as int32."""
+    shifts = tf.range(k - 1, -1, -1, dtype=tf.int64)
+    return tf.cast(tf.bitwise.bitwise_and(tf.bitwise.right_shift(values[..., None], shifts), 1), tf.int32)
+
+
+def _bit(values, k):
+    return tf.bitwise.bitwise_and(tf.bitwise.right_shift(values, k), 1)
+
+
+def _open_masked(protocol, share0, share1):
+    """A value rebuilt from its two shares: every value opened here is masked by fresh randomness."""
+    return protocol._reconstruct(share0, share1)
+
+
+def _zero_anywhere(numbers):
+    """server2's one look at the comparison: does each row of k numbers hold a zero?"""
+    return tf.cast(tf.reduce_any(tf.equal(numbers, 0), axis=-1), tf.int64)
+
+
+def _compare_share(party, bits, c, k, beta, multipliers, offsets, rotation):
+    """One server's part of SecureNN's private compare of its bits' number with the public c mod 2^k.
+
+    Reconstructed, the k numbers it returns (with the other server's) hold one zero exactly when
+    ``beta`` XOR ``[shared number > c mod 2^k]`` is 1, and are non-zero everywhere else.
+    """
+    low = _low_bits(c, k)
+    next_up = _low_bits(tf.bitwise.bitwise_and(c, 2**k - 1) + 1, k)  # c + 1 mod 2^k
+    largest = tf.equal(tf.bitwise.bitwise_and(c, 2**k - 1), 2**k - 1)[..., None]
+
+    def differs_above(public):  # the shared bits XOR the public ones, summed over the higher bits
+        xor = bits * (1 - 2 * public) + party * public
+        return tf.cumsum(xor, axis=-1, exclusive=True)
+
+    when_zero = party * (low + 1) - bits + differs_above(low)  # zero where bits > c first shows
+    when_one = bits + party * (1 - next_up) + differs_above(next_up)  # zero where bits < c + 1 shows
+    # If c mod 2^k is the largest k-bit number, "bits < c + 1" always holds: one zero, by construction.
+    always = party * tf.concat([tf.zeros_like(low[..., :1]), tf.ones_like(low[..., 1:])], axis=-1)
+    chosen = tf.where(tf.cast(beta, tf.bool)[..., None], tf.where(largest, always, when_one), when_zero)
+    masked = (multipliers * chosen + (offsets if party == 0 else -offsets)) % PRIME
+    positions = (tf.range(k, dtype=tf.int32) + rotation[..., None]) % k
+    return tf.cast(tf.gather(masked, positions, batch_dims=len(masked.shape) - 1), tf.uint8)
+
+
+def relu(protocol, x: PondPrivateTensor, bound_bits: int, sign_of: Optional[PondPrivateTensor] = None):
+    """max(x, 0) on shares, given that ``sign_of`` (default ``x``) is below 2^bound_bits in magnitude.
+
+    ``sign_of`` may be ``x`` at another scale (its value before truncation): its sign decides, and
+    ``x`` is what comes out, so the truncation and the comparison run side by side.
+    """
+    k = bound_bits
+    if not 1 <= k <= 62:
+        raise ValueError(f"bound_bits must be between 1 and 62, not {k}")
+    sign_of = x if sign_of is None else sign_of
+    shape = tuple(x.shape.as_list())
+    servers = (protocol.server_0.device_name, protocol.server_1.device_name)
+    helper = protocol.server_2.device_name
+    with tf.name_scope("bounded-relu"):
+        # server2 deals: a random r, the low bits of r shared modulo PRIME, and the multiplication
+        # material (a, b, a*b) that finishes the ReLU. Most shares grow from seeds on the server that
+        # holds them; a seed is never used twice (equal seeds give equal random numbers).
+        with tf.device(helper):
+            seeds = [{name: secure_random.secure_seed() for name in ("r", "a", "b", "bits", "ab")} for _ in servers]
+            drawn = [{name: _uniform(shape, seeds[i][name], *WORDS) for name in ("r", "a", "b")} for i in range(2)]
+            r = drawn[0]["r"] + drawn[1]["r"]
+            a = drawn[0]["a"] + drawn[1]["a"]
+            bits1 = _low_bits(r, k) - _uniform(shape + (k,), seeds[0]["bits"], 0, PRIME, tf.int32)
+            bits1 = tf.cast(bits1 % PRIME, tf.uint8)
+            ab1 = a * (drawn[0]["b"] + drawn[1]["b"]) - _uniform(shape, seeds[0]["ab"], *WORDS)
+            r_top = _bit(r, k)
+        dealt = []
+        for i, device in enumerate(servers):
+            with tf.device(device):
+                held = {name: _uniform(shape, seeds[i][name], *WORDS) for name in ("r", "a", "b")}
+                if i == 0:
+                    held["ab"] = _uniform(shape, seeds[0]["ab"], *WORDS)
+                    held["bits"] = _uniform(shape + (k,), seeds[0]["bits"], 0, PRIME, tf.int32)
+                else:
+                    held["ab"], held["bits"] = tf.identity(ab1), tf.cast(bits1, tf.int32)
+                dealt.append(held)
+        # server0 and server1 draw their common randomness from seeds that server2 never sees.
+        with tf.device(servers[0]):
+            common = {name: secure_random.secure_seed() for name in ("beta", "multipliers", "offsets", "rotation")}
+        sign_shares, x_shares = [s.value for s in sign_of.unwrapped], [s.value for s in x.unwrapped]
+        opened_c, opened_d = [], []
+        for i, device in enumerate(servers):
+            with tf.device(device):
+                opened_c.append(sign_shares[i] + dealt[i]["r"] + (2**k if i == 0 else 0))
+                opened_d.append(x_shares[i] - dealt[i]["b"])
+        answers, flips = [], []
+        for i, device in enumerate(servers):
+            with tf.device(device):
+                c = _open_masked(protocol, *opened_c)
+                beta = _uniform(shape, common["beta"], 0, 2, tf.int32)
+                multipliers = _uniform(shape + (k,), common["multipliers"], 1, PRIME, tf.int32)
+                offsets = _uniform(shape + (k,), common["offsets"], 0, PRIME, tf.int32)
+                rotation = _uniform(shape, common["rotation"], 0, k, tf.int32)
+                answers.append(_compare_share(i, dealt[i]["bits"], c, k, beta, multipliers, offsets, rotation))
+                flips.append(tf.bitwise.bitwise_xor(_bit(c, k), tf.cast(beta, tf.int64)))
+        with tf.device(helper):
+            numbers = _open_masked(protocol, *(tf.cast(answer, tf.int32) for answer in answers)) % PRIME
+            e = tf.bitwise.bitwise_xor(_zero_anywhere(numbers), r_top) - a
+        out = []
+        for i, device in enumerate(servers):
+            with tf.device(device):
+                d = _open_masked(protocol, *opened_d)
+                zx = e * dealt[i]["b"] + d * dealt[i]["a"] + dealt[i]["ab"] + (e * d if i == 0 else 0)
+                out.append(protocol.tensor_factory.tensor(tf.where(tf.equal(flips[i], 1), x_shares[i] - zx, zx)))
+    return PondPrivateTensor(protocol, out[0], out[1], x.is_scaled)
