@@ -87,7 +87,9 @@ class SecureModel:
             smaller = max([0] + [size for size in BATCH_BUCKETS if size < bucket])
             ready = [tf.equal(client_id, expected_client), batch > smaller, batch <= bucket]
         for input_queue, server in ((input0, protocol.server_0), (input1, protocol.server_1)):
-            with tf.device(server.device_name):
+            # Looked at once the request is there (its client puts the shares in first), not when
+            # this computation starts waiting: then they are not there yet.
+            with tf.device(server.device_name), tf.control_dependencies([client_id, batch]):
                 ready.append(queue_ops.queue_size_v2(input_queue) > 0)
         # Decided on server0, so that the computation starts without a round trip to this process.
         with tf.device(protocol.server_0.device_name):
