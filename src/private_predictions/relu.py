@@ -96,7 +96,8 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, sign_of: Optional[Pond
         # material (a, b, a*b) that finishes the ReLU. Most shares grow from seeds on the server that
         # holds them; a seed is never used twice (equal seeds give equal random numbers).
         with tf.device(helper):
-            seeds = [{name: secure_random.secure_seed() for name in ("r", "a", "b", "bits", "ab")} for _ in servers]
+            seeds = [{name: secure_random.secure_seed() for name in names}
+                     for names in (("r", "a", "b", "bits", "ab"), ("r", "a", "b"))]
             drawn = [{name: _uniform(shape, seeds[i][name], *WORDS) for name in ("r", "a", "b")} for i in range(2)]
             r = drawn[0]["r"] + drawn[1]["r"]
             a = drawn[0]["a"] + drawn[1]["a"]
