@@ -46,6 +46,12 @@ class SecretNetwork:
         # they are below limit * scale^2, and their signs are compared on that many bits.
         self.bits_single = _bits_below(limit * self.scale)
         self.bits_double = _bits_below(limit * float(self.scale) ** 2)
+        for layer in keras_model.layers:  # before any weight is shared
+            if type(layer).__name__ == "AveragePooling2D" and (
+                    tuple(layer.strides) != tuple(layer.pool_size) or layer.padding.upper() != "VALID"):
+                raise ValueError(
+                    f"{layer.name}: the servers pool non-overlapping windows only (strides equal to "
+                    f"pool_size, padding 'valid'), not strides {layer.strides} with padding {layer.padding!r}")
         self.steps: List[Tuple] = []
         self.weights: Dict[int, Tuple] = {}
         factors = servers_factors(keras_model)
@@ -109,9 +115,6 @@ def _add(protocol, x, bias):
 def _sum_pool(protocol, x, layer):
     """Each window's sum, on each server's share alone: a sum of shares is a share of the sum."""
     height, width = layer.pool_size
-    if tuple(layer.strides) != (height, width) or layer.padding.upper() != "VALID":
-        raise ValueError(f"{layer.name}: the servers pool non-overlapping windows only (strides = pool_size, "
-                         f"padding 'valid'), not strides {layer.strides} with padding {layer.padding!r}")
     pooled = []
     for share, device in zip(x.unwrapped, (protocol.server_0.device_name, protocol.server_1.device_name)):
         with tf.device(device):
