@@ -13,7 +13,8 @@ def protocol(cluster):
 
 
 def small_model():
-    """Fused ReLUs, pooling over an odd size (Keras drops the last row), a 2 x 2 x 4 flatten."""
+    """Fused ReLUs, pooling over an odd size (Keras drops the last row), a 2 x 2 x 4 flatten, a layer
+    without bias."""
     tf.keras.utils.set_random_seed(3)
     model = tf.keras.Sequential([
         tf.keras.layers.Conv2D(4, 3, activation="relu", input_shape=(11, 11, 1)),
@@ -22,7 +23,7 @@ def small_model():
         tf.keras.layers.AveragePooling2D(2),
         tf.keras.layers.Activation("relu"),
         tf.keras.layers.Flatten(),
-        tf.keras.layers.Dense(6, activation="relu"),
+        tf.keras.layers.Dense(6, activation="relu", use_bias=False),
         tf.keras.layers.Dense(3),
     ])
     model.set_weights([weights + 0.05 for weights in model.get_weights()])  # biases off zero too

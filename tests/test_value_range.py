@@ -64,6 +64,16 @@ def test_a_model_slightly_too_large_is_computed_at_a_smaller_scale_with_the_same
     np.testing.assert_allclose(computed(x_test[:8]).numpy() * divisor, larger(x_test[:8]).numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_a_layer_without_bias_is_bounded_and_scaled_down_too():
+    model = tf.keras.Sequential([tf.keras.layers.Conv2D(3, 3, use_bias=False, input_shape=(6, 6, 1)),
+                                 tf.keras.layers.Flatten(), tf.keras.layers.Dense(2)])
+    model.set_weights([np.full((3, 3, 1, 3), 4.0), np.ones((48, 2)), np.zeros(2)])  # logits up to 48 * 36
+    computed, divisor, peak = fitting(model, LIMIT)
+    assert peak == pytest.approx(48 * 36) and divisor == 3
+    images = np.random.default_rng(5).random((3, 6, 6, 1))
+    np.testing.assert_allclose(computed(images).numpy() * divisor, model(images).numpy(), rtol=1e-5)
+
+
 def test_a_model_that_could_overflow_is_refused_before_anything_is_shared(model):
     scaled = tf.keras.Sequential.from_config(model.get_config())
     scaled.set_weights([weights * 3 for weights in model.get_weights()])

@@ -21,7 +21,7 @@ from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 
 from ._tf import tf
 from .relu import relu
-from .value_range import servers_factors
+from .value_range import kernel_and_bias, servers_factors
 
 NCHW, NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
 
@@ -58,7 +58,7 @@ class SecretNetwork:
         for index, (layer, area_before) in enumerate(zip(keras_model.layers, [1.0] + factors[:-1])):
             kind = type(layer).__name__
             if kind in ("Conv2D", "Dense"):
-                kernel, bias = layer.get_weights()
+                kernel, bias = kernel_and_bias(layer)
                 if kind == "Conv2D":
                     bias = bias.reshape(-1, 1, 1)  # added to NCHW outputs
                 self.weights[index] = (

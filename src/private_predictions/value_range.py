@@ -18,13 +18,19 @@ class ValueRangeError(ValueError):
     """The model can compute values that the fixed-point encoding cannot hold."""
 
 
+def kernel_and_bias(layer):
+    """A convolution's or dense layer's kernel and bias (zeros for a layer built with use_bias=False)."""
+    kernel, *bias = layer.get_weights()
+    return kernel, bias[0] if bias else np.zeros(kernel.shape[-1], kernel.dtype)
+
+
 def _split(weights):
     return np.maximum(weights, 0), np.minimum(weights, 0)
 
 
 def _conv(box, layer):
     low, high = box
-    kernel, bias = layer.get_weights()
+    kernel, bias = kernel_and_bias(layer)
     positive, negative = _split(kernel)
 
     def conv(x, w):
@@ -35,7 +41,7 @@ def _conv(box, layer):
 
 def _dense(box, layer):
     low, high = box
-    kernel, bias = layer.get_weights()
+    kernel, bias = kernel_and_bias(layer)
     positive, negative = _split(kernel)
     return low @ positive + high @ negative + bias, high @ positive + low @ negative + bias
 
@@ -125,9 +131,9 @@ def scaled_down(keras_model, divisor: int):
     weights, first = [], True
     for layer in keras_model.layers:
         values = layer.get_weights()
-        if len(values) == 2:  # kernel and bias
-            kernel, bias = values
-            values = [kernel / divisor if first else kernel, bias / divisor]
+        if values:  # a kernel, and a bias unless the layer has none
+            kernel, *bias = values
+            values = [kernel / divisor if first else kernel] + [b / divisor for b in bias]
             first = False
         weights += values
     copy.set_weights(weights)
