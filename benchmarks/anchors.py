@@ -88,11 +88,10 @@ def measuring_calls(role, config, x_test):
         image = x_test[:1].astype(np.float64)
         return {"1": lambda: client.run(image)}, dict
     protocol = connect(config)
+    keras_model = load_logits_model()
     if role == "compute-only-aby3":
         protocol = tfe.protocol.ABY3()
         tfe.set_protocol(protocol)
-    keras_model = load_logits_model()
-    if role == "compute-only-aby3":
         model = tfe_keras_model(protocol, keras_model)
     else:
         model, _, divisor = secret_network(keras_model, protocol)

@@ -91,7 +91,7 @@ class SecretNetwork:
                     x = protocol.conv2d(x, kernel, layer.strides, layer.padding.upper())
                 else:
                     x = protocol.matmul(x, kernel)
-                x, doubled = _add(protocol, x, bias), True
+                x, doubled = protocol.add(x, bias), True
             elif kind == "AveragePooling2D":
                 x = _sum_pool(protocol, x, layer)
             elif kind == "ReLU":
@@ -101,15 +101,6 @@ class SecretNetwork:
             elif kind == "Flatten":
                 x = protocol.reshape(protocol.transpose(x, perm=NHWC), [x.shape[0], -1])
         return protocol.truncate(x) if doubled else x
-
-
-def _add(protocol, x, bias):
-    (x0, x1), (b0, b1) = x.unwrapped, bias.unwrapped
-    with tf.device(protocol.server_0.device_name):
-        y0 = x0 + b0
-    with tf.device(protocol.server_1.device_name):
-        y1 = x1 + b1
-    return PondPrivateTensor(protocol, y0, y1, True)
 
 
 def _sum_pool(protocol, x, layer):

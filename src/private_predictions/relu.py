@@ -61,8 +61,9 @@ def _compare_share(party, bits, c, k, beta, multipliers, offsets, rotation):
     ``beta`` XOR ``[shared number > c mod 2^k]`` is 1, and are non-zero everywhere else.
     """
     low = _low_bits(c, k)
-    next_up = _low_bits(tf.bitwise.bitwise_and(c, 2**k - 1) + 1, k)  # c + 1 mod 2^k
-    largest = tf.equal(tf.bitwise.bitwise_and(c, 2**k - 1), 2**k - 1)[..., None]
+    c_low = tf.bitwise.bitwise_and(c, 2**k - 1)
+    next_up = _low_bits(c_low + 1, k)  # c + 1 mod 2^k
+    largest = tf.equal(c_low, 2**k - 1)[..., None]
 
     def differs_above(public):  # the shared bits XOR the public ones, summed over the higher bits
         xor = bits * (1 - 2 * public) + party * public
