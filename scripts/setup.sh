@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
-# Create .venv with Python 3.10 and the pinned packages, unless it is already up to date.
+# Create .venv with Python 3.10 and the pinned packages, unless it is already up to date,
+# and build the listen guard that keeps TensorFlow's servers off the network (src/listen_guard).
 # Usage: scripts/setup.sh   (called by `make run`, `make test` and `make lab`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+guard=src/listen_guard/build/libprivate_predictions_listen_guard.so
+build_guard() {
+    # A C compiler builds it; a machine without one gets Zig's, from the package index.
+    if [ -z "${CC:-}" ] && ! command -v cc >/dev/null && ! command -v gcc >/dev/null && ! command -v clang >/dev/null; then
+        .venv/bin/python -m pip install --quiet "ziglang==0.17.0"
+    fi
+    .venv/bin/python -m listen_guard.build
+}
 
 is_python310() {
     # pyenv puts a python3.10 shim on PATH that fails unless 3.10 is selected, so run it.
@@ -24,6 +34,9 @@ find_python() {
 stamp=.venv/.requirements.sha256
 wanted=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
+    if [ ! -f "$guard" ] || [ src/listen_guard/bind.c -nt "$guard" ]; then
+        build_guard
+    fi
     exit 0
 fi
 
@@ -46,5 +59,6 @@ rm -rf .venv
 .venv/bin/python -m pip install --quiet --upgrade "pip<25"
 .venv/bin/python -m pip install --quiet -r requirements.txt
 .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+build_guard
 .venv/bin/python -c "import private_predictions" # fails loudly without secure randomness
 echo "$wanted" > "$stamp"

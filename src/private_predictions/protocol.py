@@ -1,6 +1,8 @@
 """Joining the three servers from this process, and the secure protocol they run."""
 from collections import OrderedDict
 
+import listen_guard
+
 from ._tf import tf, tfe
 from tf_encrypted.tensor.fixed import FixedpointConfig
 
@@ -35,15 +37,19 @@ def connect(config: ClusterConfig):
     (tf-encrypted's ``connect_servers``) gives this task the address ``localhost:PORT``,
     which on another machine means that machine itself: with servers on other hosts,
     every private prediction failed with "failed to connect to all addresses". So the
-    address given is the one the servers reach us at.
+    address given is the one the servers reach us at, and this task's server listens
+    there only (loopback when the servers are on this machine): see ``listen_guard``.
     """
     tfe.set_config(tfe_config(config))
     own_address = address_towards(*config.address(SERVER_NAMES[0]))
+    own_port = free_ports(1)[0]
+    listen_guard.listen_only(own_port, own_address, "this process's TensorFlow server")
     cluster = tf.train.ClusterSpec({
         TFE_JOB: [config.hosts[name] for name in SERVER_NAMES],
-        LOCAL_JOB: [f"{own_address}:{free_ports(1)[0]}"],
+        LOCAL_JOB: [f"{own_address}:{own_port}"],
     })
     tf.config.experimental_connect_to_cluster(cluster, job_name=LOCAL_JOB)
+    listen_guard.check_listening(own_port, own_address, "this process's TensorFlow server")
     protocol = tfe.protocol.SecureNN(fixedpoint_config=FIXED_POINT)
     tfe.set_protocol(protocol)
     return protocol

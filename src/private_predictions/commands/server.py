@@ -9,6 +9,8 @@ import io
 import sys
 from typing import List, Optional
 
+import listen_guard
+
 SERVER_MODULE = "private_predictions.commands.server"
 
 
@@ -54,8 +56,14 @@ def main(argv=None):
     config = ClusterConfig.load(args.config)
     if args.name not in config.hosts:
         sys.exit(f"{args.name!r} is not in {args.config}; choose one of {list(config.hosts)}")
+    host, port = config.address(args.name)
+    try:
+        address = listen_guard.listen_only(port, host, args.name)
+    except listen_guard.ListenGuardError as error:
+        sys.exit(str(error))
     server = tfe_config(config).start_server(args.name, start=True)
-    print(f"{args.name} listening on {config.hosts[args.name]}", flush=True)
+    listen_guard.check_listening(port, address, args.name)
+    print(f"{args.name} listening on {config.hosts[args.name]} only", flush=True)
     server.join()
 
 
