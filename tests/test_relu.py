@@ -90,3 +90,71 @@ def test_what_server2_sees_does_not_depend_on_the_value(protocol, monkeypatch, v
 def test_a_bound_outside_what_64_bit_words_hold_is_refused(bound_bits):
     with pytest.raises(ValueError, match="between 1 and 62"):
         relu(None, None, bound_bits)
+
+
+def test_what_server2_sees_has_one_distribution_for_every_value_exhaustively_at_small_k():
+    """The compare's privacy, checked case by case with relu.py's own ``_compare_share``, for k = 1 ... 6.
+
+    server2's view of one value is r (it dealt r, and the split of r's bits) and the k numbers it
+    rebuilds from the two servers' answers. Enumerated: beta, the rotation, every x in [-2^k, 2^k)
+    and every r mod 2^(k+1) (its higher bits drawn: nobody sees them). For each case the common
+    multiplier runs over all of 1 ... PRIME-1, with the bits' split and the offsets drawn afresh
+    each time; every entry must be 0 for every multiplier, or take each of 1 ... PRIME-1 once.
+    As the multipliers of relu() are drawn independently and uniformly for each entry, server2's
+    numbers are then exactly: zeros where the pattern says, independent uniform non-zero numbers
+    elsewhere. Patterns have at most one zero, so the view's distribution for (x, r) is exactly the
+    histogram, over beta and the rotation, of where the zero is (or that there is none).
+
+    Asserted: the sign derived is right in every case; for every (x, r) the histogram is the same,
+    no zero k times and a zero at each place once, so one distribution for every x (with r known).
+    The teeth: the same enumeration with the rotation fixed to 0 gives 2^k - 1 distributions over
+    x (server2's view with r) and k over pairs (x, r); with beta fixed to 0, 2^k and 2.
+    """
+    generator = np.random.default_rng(2)
+    for k in range(1, 7):
+        grid = np.meshgrid(np.arange(2), np.arange(k), np.arange(-2**k, 2**k), np.arange(2**(k + 1)), indexing="ij")
+        beta, rotation, x, r_low = (axis.ravel() for axis in grid)
+        n = x.size
+        r = r_low + generator.integers(-2**(62 - k), 2**(62 - k), n) * 2**(k + 1)  # any higher bits
+        c = x + 2**k + r  # wraps modulo 2^64, as on the servers
+        r_bits = relu_module._low_bits(tf.constant(r), k).numpy()
+        fixed = [tf.constant(beta, tf.int32), tf.constant(rotation, tf.int32)]
+
+        def rebuilt(multiplier):
+            """The k numbers server2 rebuilds in every case, with ``multiplier`` for every entry."""
+            bits0 = generator.integers(0, PRIME, (n, k), dtype=np.int32)
+            bits1 = (r_bits - bits0) % PRIME
+            offsets = tf.constant(generator.integers(0, PRIME, (n, k), dtype=np.int32))
+            multipliers = tf.fill((n, k), multiplier)
+            answers = [relu_module._compare_share(party, tf.constant(bits), tf.constant(c), k, fixed[0],
+                                                  multipliers, offsets, fixed[1]).numpy().astype(np.int32)
+                       for party, bits in ((0, bits0), (1, bits1))]
+            return (answers[0] + answers[1]) % PRIME
+
+        numbers = rebuilt(1)
+        zero = numbers == 0
+        seen = np.zeros((n * k, PRIME), bool)
+        for multiplier in range(1, PRIME):
+            seen[np.arange(n * k), (numbers if multiplier == 1 else rebuilt(multiplier)).ravel()] = True
+        assert (seen[:, 0] == zero.ravel()).all() and (seen[:, 1:] == ~zero.ravel()[:, None]).all(), k
+        del seen
+
+        has_zero = relu_module._zero_anywhere(tf.constant(numbers)).numpy()
+        c_top, r_top = relu_module._bit(tf.constant(c), k).numpy(), relu_module._bit(tf.constant(r), k).numpy()
+        np.testing.assert_array_equal(has_zero ^ beta ^ c_top ^ r_top, x >= 0, err_msg=f"k={k}")
+        np.testing.assert_array_equal(has_zero, beta ^ (r_low % 2**k > c % 2**k), err_msg=f"k={k}")
+        assert zero.sum(axis=1).max() <= 1, k
+        place = np.where(has_zero == 1, zero.argmax(axis=1), k)  # k: no zero
+
+        def distributions(selected):
+            """How many distinct views: over values x (a map r -> histogram each), and over pairs (x, r)."""
+            histogram = np.zeros((2**(k + 1), 2**(k + 1), k + 1), int)
+            np.add.at(histogram, (x[selected] + 2**k, r_low[selected], place[selected]), 1)
+            per_value = len(np.unique(histogram.reshape(2**(k + 1), -1), axis=0))
+            return per_value, len(np.unique(histogram.reshape(-1, k + 1), axis=0)), histogram
+
+        per_value, per_pair, histogram = distributions(np.ones(n, bool))
+        assert (per_value, per_pair) == (1, 1), k
+        assert (histogram[..., :k] == 1).all() and (histogram[..., k] == k).all(), k
+        assert distributions(rotation == 0)[:2] == (2**k - 1, k), k
+        assert distributions(beta == 0)[:2] == (2**k, 2), k
