@@ -16,7 +16,7 @@ closing its queue; eager remote ops are not used for that, because one eager cal
 that blocks on a server holds up every later call from this process to that server.
 """
 import uuid
-from typing import Tuple
+from typing import List, Tuple
 
 from tensorflow.python.ops import gen_data_flow_ops, gen_resource_variable_ops
 
@@ -136,6 +136,10 @@ class ClientQueues:
         """The two shares of the answer; waits until both are there (cancel with :meth:`close_outputs`)."""
         return _dequeue_pair(self.outputs[0].handle, self.outputs[1].handle)
 
+    def shares_waiting(self) -> bool:
+        """Whether both input queues hold a share (a quick look, far cheaper than a computation)."""
+        return all(int(size) > 0 for size in _sizes(self.inputs[0].handle, self.inputs[1].handle))
+
     def discard_inputs(self) -> None:
         """Throw away the input shares waiting here (a request that is dropped or refused)."""
         for queue in self.inputs:
@@ -155,6 +159,33 @@ class ClientQueues:
 
 def request_queue(protocol, session: str) -> SharedQueue:
     return SharedQueue(protocol.server_0.device_name, f"{PREFIX}/requests/{session}", REQUEST_DTYPES)
+
+
+@tf.function
+def _take_waiting(handle):
+    # Only the serving side dequeues requests, so each of these finds one there: none waits.
+    waiting = tf.minimum(gen_data_flow_ops.queue_size_v2(handle), CAPACITY)
+    taken = [tf.TensorArray(dtype, size=waiting, element_shape=[]) for dtype in REQUEST_DTYPES]
+    def take_one(index, client_ids, batches):
+        client_id, batch = gen_data_flow_ops.queue_dequeue_v2(handle, list(REQUEST_DTYPES))
+        return index + 1, client_ids.write(index, client_id), batches.write(index, batch)
+    _, client_ids, batches = tf.while_loop(lambda index, *_: index < waiting, take_one, [0, *taken])
+    return client_ids.stack(), batches.stack()
+
+
+def take_waiting(requests: SharedQueue) -> List[Tuple[str, int]]:
+    """Every request waiting in the queue now (up to its capacity), in order, without waiting for more.
+
+    One call for many requests: a queue filled by something else is emptied in a few milliseconds.
+    """
+    client_ids, batches = _take_waiting(requests.handle)
+    return [(client_id.decode(errors="replace"), int(batch))
+            for client_id, batch in zip(client_ids.numpy(), batches.numpy())]
+
+
+@tf.function
+def _sizes(handle0, handle1):
+    return gen_data_flow_ops.queue_size_v2(handle0), gen_data_flow_ops.queue_size_v2(handle1)
 
 
 def take_request(requests: SharedQueue) -> Tuple[str, int]:

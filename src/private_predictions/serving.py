@@ -4,7 +4,7 @@ import re
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Callable, Optional
 
 from tensorflow.python.ops import gen_data_flow_ops as queue_ops
@@ -14,7 +14,7 @@ from .config import ClusterConfig
 from .data import IMAGE_SHAPE
 from .network import SecretNetwork
 from .queues import (MAX_BATCH_SIZE, NOBODY, REQUEST_DTYPES, SERVING_SILENCE, ClientQueues, ServingLease,
-                     request_queue, someone_serves, take_request)
+                     request_queue, someone_serves, take_request, take_waiting)
 from .value_range import fitting
 from .waiting import WATCH_INTERVAL, BackgroundCall, bounded, wait_for
 from .watch import ServerUnreachableError, ServerWatch, first_dead_server
@@ -22,7 +22,6 @@ from .watch import ServerUnreachableError, ServerWatch, first_dead_server
 # Every batch is padded up to one of these sizes, so the network is traced into a graph
 # at most four times (tracing SecureNN takes seconds), whatever sizes clients send.
 BATCH_BUCKETS = (1, 8, 32, MAX_BATCH_SIZE)
-INPUT_GRACE_SECONDS = 5.0
 # How long serving waits for a server whose host went silent to come back: short enough that
 # the serving side still stops, naming it, within 15 s of the outage when it does not.
 OUTAGE_GRACE_SECONDS = 10.0
@@ -126,14 +125,18 @@ class SecureModel:
         with tf.device(protocol.server_0.device_name), tf.control_dependencies([answered0, answered1]):
             return tf.constant(True)
 
-    def _queues_of(self, client_id: str) -> ClientQueues:
+    def _queues_of(self, client_id: str, remember: bool = True) -> ClientQueues:
+        """The queues of ``client_id``; remembered (up to REMEMBERED_CLIENTS) unless ``remember`` is False,
+        so that requests with nothing behind them cannot push real clients out."""
         if client_id in self._clients:
             self._clients.move_to_end(client_id)
-        else:
-            self._clients[client_id] = self._quick(ClientQueues, self.protocol, client_id)
+            return self._clients[client_id]
+        queues = self._quick(ClientQueues, self.protocol, client_id)
+        if remember:
+            self._clients[client_id] = queues
             if len(self._clients) > REMEMBERED_CLIENTS:
                 self._clients.popitem(last=False)
-        return self._clients[client_id]
+        return queues
 
     def serve(self, num_requests: Optional[int], timeout: Optional[float] = 120.0,
               report: Optional[Callable[[str], None]] = print) -> None:
@@ -164,7 +167,8 @@ class _Session:
     def __init__(self, model: SecureModel, report: Callable[[str], None]):
         self.model, self.report = model, report
         self.id = uuid.uuid4().hex
-        self.pending = []  # requests whose shares had not all arrived: (client id, batch, give up at)
+        self.dropped = 0  # requests with no shares behind them
+        self.backlog = deque()  # requests taken from the queue together, handled one by one
         self._incoming: Optional[BackgroundCall] = None
         # (client id, bucket) of the client answered last: its next request is answered on arrival.
         self.expected = self._listening_for = None
@@ -246,6 +250,9 @@ class _Session:
                 continue
             number += 1
             self.report(f"Request {number}{of_total}: {outcome}")
+        if self.dropped:
+            self.report(f"Dropped {self.dropped} requests that had no shares behind them: this series' "
+                        "clients never send those.")
         self._wait_until_collected(timeout)
 
     def _ride_out(self, error: ServerUnreachableError) -> None:
@@ -266,26 +273,28 @@ class _Session:
         self.report(f"{error.name} answers again: serving goes on.")
 
     def _next(self, timeout: Optional[float]) -> str:
-        """Take requests until one is answered, refused or dropped; say what happened to it."""
+        """Take requests until one is answered or refused; say what happened to it.
+
+        A request with no shares behind it is dropped at once and not counted: this series'
+        clients put both shares in before their request, so it comes from something else
+        that reached the request queue, and waiting for its shares would hold up the
+        complete requests queued behind it.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            for entry in list(self.pending):
-                outcome = self._take(*entry)
+            while self.backlog:
+                outcome = self._take(*self.backlog.popleft())
                 if outcome is not None:
-                    self.pending.remove(entry)
                     return outcome
+                self.dropped += 1
             if self._incoming is None:
                 self._incoming = self._listen()
-            wait = 0.05 if self.pending else None
-            if deadline is not None:
-                wait = max(0.0, deadline - time.monotonic()) if wait is None else wait
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 client_id, batch, answered = wait_for(self._incoming, wait, "", watches=[self.check_lease])
             except TimeoutError:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"No private query arrived within {timeout:.0f} s. Run the client "
-                                       "(notebooks/03_private_prediction.ipynb) while this one serves.") from None
-                continue
+                raise TimeoutError(f"No private query arrived within {timeout:.0f} s. Run the client "
+                                   "(notebooks/03_private_prediction.ipynb) while this one serves.") from None
             except tf.errors.OpError as error:
                 return self._expected_failed(error)
             finally:
@@ -293,10 +302,9 @@ class _Session:
                     self._incoming = None
             if answered:
                 return self._answered(client_id, batch)
-            outcome = self._take(client_id, batch, time.monotonic() + INPUT_GRACE_SECONDS)
-            if outcome is not None:
-                return outcome
-            self.pending.append((client_id, batch, time.monotonic() + INPUT_GRACE_SECONDS))
+            # Not the client expected: take it here, with every request queued behind it in one call.
+            self.backlog.append((client_id, batch))
+            self.backlog.extend(self._call(take_waiting, self.requests))
 
     def _listen(self) -> BackgroundCall:
         """Wait for the next request: on the servers, which answer it at once if the client answered
@@ -339,24 +347,17 @@ class _Session:
         images = "image" if batch == 1 else "images"
         return f"answered a private batch of {batch} {images}"
 
-    def _take(self, client_id: str, batch: int, give_up_at: float) -> Optional[str]:
-        """What happened to this request, or None while its shares have not all arrived.
-
-        A client's two shares reach server0 and server1 before its request does, but
-        anything on the network can put a request in the queue with nothing behind it:
-        such a request waits aside, and the complete ones behind it go first.
-        """
+    def _take(self, client_id: str, batch: int) -> Optional[str]:
+        """What happened to this request, or None if it had no shares behind it (dropped)."""
         try:
             problem = self._problem_with(client_id, batch)
             if problem:
                 return f"refused, {problem}"
-            outcome = self._answer(client_id, batch)
-            if outcome is not None:
-                return outcome
-            if time.monotonic() > give_up_at:
-                self._drop_inputs(client_id)
-                return f"dropped, its shares did not arrive within {INPUT_GRACE_SECONDS:.0f} s (its client vanished?)"
-            return None
+            # A quick look first: a computation costs ten times more, and a flood of such requests
+            # would hold up the real ones queued behind them.
+            if not self._call(self.model._queues_of(client_id, remember=False).shares_waiting):
+                return None
+            return self._answer(client_id, batch)
         except tf.errors.OpError as error:  # e.g. queues of that name made by someone else, unlike ours
             return f"refused ({error.message.splitlines()[0][:200]})"
 
@@ -387,7 +388,7 @@ class _Session:
         queues = self.model._queues_of(client_id)
         try:
             if not self._call(self._run_answer, bucket, False, client_id, batch, queues)[2]:
-                return None  # its shares have not all arrived
+                return None  # no shares behind it: dropped
         except tf.errors.InvalidArgumentError:
             self._refuse(client_id)
             return f"refused, its shares are not a batch of {batch} images of shape {IMAGE_SHAPE}"
