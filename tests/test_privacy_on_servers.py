@@ -4,14 +4,15 @@ import re
 import threading
 
 import numpy as np
+from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 
 from private_predictions import LocalCluster, PrivateClient, connect, load_logits_model, load_mnist, share_model
 from private_predictions._tf import tf
 
-# Where a value is rebuilt from its two shares after fresh randomness was added to it: tf-encrypted's
-# interactive truncation (a statistical mask) and the series' ReLU (relu.py: x + r for a random r,
-# the comparison's numbers masked and rotated, the multiplication's operands minus random ones).
-MASKING = {"_truncate_private_interactive", "_open_masked"}
+# Where a value is rebuilt from its two shares after fresh randomness was added to it (masking.py): the
+# series' ReLU (relu.py: x + r for a uniform r, the comparison's numbers masked and rotated, the
+# multiplication's operands minus random ones) and its truncation (truncation.py: x + L + r).
+MASKING = {"open_masked"}
 
 
 def test_the_serving_side_reveals_only_masked_values(tmp_path, monkeypatch):
@@ -52,3 +53,111 @@ def test_the_serving_side_reveals_only_masked_values(tmp_path, monkeypatch):
             assert seen and not any(frames & MASKING for frames in seen)
         finally:
             secure_model.close()
+
+
+def test_every_value_the_servers_open_on_the_64_bit_ring_is_uniformly_random(cluster, monkeypatch):
+    """Record what each place in the code opens during one prediction of 32 images: bits 63 and 62 of
+    uniform words are each set half the time (tf-encrypted's truncation, masked below 2^62, never sets them)."""
+    from tf_encrypted.protocol.pond import pond
+
+    opened = {}
+
+    def record(value, kind):
+        value = getattr(value, "value", value)  # tf-encrypted's own calls pass its tensor wrappers
+        if value.dtype == tf.int64:  # the 64-bit ring; server2's comparison numbers are modulo 67
+            # The calls that led here (autograph's copies while tracing: tf__NAME, at their own lines).
+            callers = [f"{re.sub(r'^tf__', '', frame.function)}:{frame.lineno}" for frame in inspect.stack()
+                       if "/tensorflow/" not in frame.filename and "/tf_encrypted/" not in frame.filename
+                       and re.sub(r"^tf__", "", frame.function) not in ("record", "masking", "reconstructing")
+                       and not frame.function.endswith("_body")][:3]
+            opened.setdefault(f"{kind} < {' < '.join(callers)}", []).append(value)
+
+    def reconstructing(self, share0, share1):
+        value = reconstruct(self, share0, share1)
+        record(value, "open_masked")
+        return value
+
+    def masking(protocol, x):  # tf-encrypted's products open x - a for a uniform a from server2's triples
+        masked = mask(protocol, x)
+        record(masked.alpha_on_0.value, "product (x - a)")
+        return masked
+
+    reconstruct, mask = pond.Pond._reconstruct, pond._mask_private
+    monkeypatch.setattr(pond.Pond, "_reconstruct", reconstructing)
+    monkeypatch.setattr(pond, "_mask_private", masking)
+    protocol = connect(cluster.config)
+    secure_model = share_model(load_logits_model(), protocol)
+    (_, _), (x_test, _) = load_mnist()
+    encoded = np.round(x_test[:32] * protocol.fixedpoint_config.scaling_factor).astype(np.int64)
+
+    @tf.function
+    def predict():
+        share0 = tf.constant(np.random.default_rng().integers(-2**63, 2**63, encoded.shape, dtype=np.int64))
+        shares = []
+        for share, server in ((share0, protocol.server_0), (encoded - share0, protocol.server_1)):
+            with tf.device(server.device_name):
+                shares.append(protocol.tensor_factory.tensor(tf.reshape(share, encoded.shape)))
+        secure_model.network(PondPrivateTensor(protocol, *shares, True))
+        return {site: [tf.reshape(value, [-1]) for value in values] for site, values in opened.items()}
+
+    try:
+        seen = predict()
+    finally:
+        secure_model.close()
+    for site, values in seen.items():
+        words = np.concatenate([value.numpy() for value in values]).view(np.uint64)
+        for bit in (63, 62):
+            share = float(((words >> np.uint64(bit)) & np.uint64(1)).mean())
+            # Binomial: a uniform bit is set in half the words, give or take 5 standard deviations.
+            assert abs(share - 0.5) < 5 * 0.5 / np.sqrt(len(words)), (site, bit, share, len(words))
+    assert any("< truncate" in site for site in seen) and any("< relu" in site for site in seen), list(seen)
+    assert any(site.startswith("product") for site in seen), list(seen)
+
+
+def _party(device: str) -> str:
+    found = re.search(r"/job:(\w+)/replica:0/task:(\d)", device or "")
+    if found is None:
+        return "unplaced" if not device else device
+    return f"server{found.group(2)}" if found.group(1) == "tfe" else "this process"
+
+
+def test_what_crosses_between_servers_is_masked_openings_seeds_and_what_server2_deals(cluster):
+    """A walk of the traced network: every tensor made on one server and used on another."""
+    protocol = connect(cluster.config)
+    secure_model = share_model(load_logits_model(), protocol)
+    shape = (1, 28, 28, 1)
+
+    @tf.function
+    def predict():
+        shares = []
+        for server in (protocol.server_0, protocol.server_1):
+            with tf.device(server.device_name):
+                shares.append(protocol.tensor_factory.tensor(tf.zeros(shape, tf.int64)))
+        y0, y1 = secure_model.network(PondPrivateTensor(protocol, *shares, True)).unwrapped
+        return y0.value, y1.value
+
+    try:
+        graph = predict.get_concrete_function().graph
+    finally:
+        secure_model.close()
+    crossings, returned = [], {tensor.op for tensor in graph.outputs}
+    for op in graph.get_operations():
+        for tensor in () if op in returned else op.inputs:  # the two output shares, handed back here
+            source, destination = _party(tensor.op.device), _party(op.device)
+            if source.startswith("server") and source != destination:
+                crossings.append((source, destination, tensor, op))
+    servers = {"server0", "server1"}
+    assert {(s, d) for s, d, _, _ in crossings} >= {("server0", "server1"), ("server1", "server0"),
+                                                    ("server0", "server2"), ("server2", "server1")}
+    for source, destination, tensor, op in crossings:
+        what = f"{tensor.name} ({tensor.dtype.name}) from {source} to {destination}, into {op.name}"
+        # Every op that uses a server's tensor is placed: nothing moves between servers unseen.
+        assert destination != "unplaced", what
+        if destination == "server2":
+            # The comparison's small numbers, masked and rotated: nothing of the 64-bit ring.
+            assert source in servers and tensor.dtype == tf.uint8, what
+        elif source in servers and destination in servers:
+            # open_masked (relu.py, truncation.py), and tf-encrypted's products: x - a, a from server2.
+            masked_opening = re.search(r"(^|/)(reconstruct(_\d+)?|mask(_\d+)?/online)/", op.name) and tensor.dtype == tf.int64
+            seed = tensor.op.type == "SecureSeed"
+            assert masked_opening or seed, what

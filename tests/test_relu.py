@@ -26,12 +26,11 @@ def shared(protocol, values):
     return PondPrivateTensor(protocol, tensors[0], tensors[1], False)
 
 
-def run(protocol, values, bound_bits, sign_of=None, also=lambda: ()):
+def run(protocol, values, bound_bits, divisor=1, also=lambda: ()):
     """The ReLU's result, rebuilt here, and whatever ``also`` hands back from inside the computation."""
     @tf.function
     def compute():
-        signs = None if sign_of is None else shared(protocol, sign_of)
-        y0, y1 = relu(protocol, shared(protocol, values), bound_bits, sign_of=signs).unwrapped
+        y0, y1 = relu(protocol, shared(protocol, values), bound_bits, divisor=divisor).unwrapped
         return y0.value, y1.value, also()
 
     share0, share1, extra = compute()
@@ -52,12 +51,13 @@ def test_exact_at_the_edges_of_the_bound_the_network_uses(protocol):
     np.testing.assert_array_equal(result, np.maximum(values, 0))
 
 
-def test_the_sign_can_come_from_the_value_before_truncation(protocol):
-    generator = np.random.default_rng(1)
-    values = generator.integers(-1000, 1000, 500)
-    before = generator.integers(-2**40, 2**40, 500)  # independent of values: only its sign may matter
-    result, _ = run(protocol, values, bound_bits=41, sign_of=before)
-    np.testing.assert_array_equal(result, np.where(before >= 0, values, 0))
+def test_a_product_is_truncated_on_the_way_with_the_sign_of_the_value_before(protocol):
+    scale, k = 3**10, 42
+    edges = np.array([-2**k, -scale, -1, 0, 1, scale - 1, scale, 2**k - 1], dtype=np.int64)
+    values = np.concatenate([np.tile(edges, 50), np.random.default_rng(1).integers(-2**k, 2**k, 2000)])
+    result, _ = run(protocol, values, bound_bits=k, divisor=scale)
+    assert (result[values < 0] == 0).all()
+    assert set(result[values >= 0] - values[values >= 0] // scale) <= {0, 1}
 
 
 @pytest.mark.parametrize("value", [5, -5])

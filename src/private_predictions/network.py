@@ -7,10 +7,11 @@ without changing what anyone learns:
   (a truncation); the division moves into the next layer's weights instead, which the model owner
   divides before sharing them. The values in between are area times larger, and the value-range
   proof bounds those (value_range.servers_factors).
-* **Products are truncated beside the ReLU, not before it.** A product of two fixed-point numbers
-  carries the scale twice and must be divided once by the scale (a truncation, one message). The
-  ReLU's comparison only needs the sign, which the product has already: the truncation and the
-  comparison run at the same time.
+* **Products are truncated by the ReLU.** A product of two fixed-point numbers carries the scale
+  twice and must be divided once by the scale (a truncation, truncation.py). The ReLU's comparison
+  opens the product plus a uniformly random mask anyway: the truncation reads its result off that
+  opening, and costs no opening of its own. Values that reach no ReLU (the logits) are truncated
+  with an opening of their own. Every value opened is uniformly random.
 * **A ReLU that uses the proven bound** (relu.py): it compares 42 bits instead of 64, and needs
   three message hops.
 """
@@ -21,6 +22,7 @@ from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 
 from ._tf import tf
 from .relu import relu
+from .truncation import truncate
 from .value_range import kernel_and_bias, servers_factors
 
 NCHW, NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
@@ -85,7 +87,7 @@ class SecretNetwork:
         for kind, index, layer in self.steps:
             if kind in ("Conv2D", "Dense"):
                 if doubled:
-                    x = protocol.truncate(x)
+                    x = truncate(protocol, x, self.bits_double, self.scale)
                 kernel, bias = (weight.read_value() for weight in self.weights[index])
                 if kind == "Conv2D":
                     x = protocol.conv2d(x, kernel, layer.strides, layer.padding.upper())
@@ -95,12 +97,12 @@ class SecretNetwork:
             elif kind == "AveragePooling2D":
                 x = _sum_pool(protocol, x, layer)
             elif kind == "ReLU":
-                x = relu(protocol, protocol.truncate(x) if doubled else x,
-                         self.bits_double if doubled else self.bits_single, sign_of=x)
+                x = relu(protocol, x, self.bits_double, divisor=self.scale) if doubled else \
+                    relu(protocol, x, self.bits_single)
                 doubled = False
             elif kind == "Flatten":
                 x = protocol.reshape(protocol.transpose(x, perm=NHWC), [x.shape[0], -1])
-        return protocol.truncate(x) if doubled else x
+        return truncate(protocol, x, self.bits_double, self.scale) if doubled else x
 
 
 def _sum_pool(protocol, x, layer):

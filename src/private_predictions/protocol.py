@@ -14,11 +14,13 @@ LOCAL_DEVICE = f"/job:{LOCAL_JOB}/replica:0/task:0/device:CPU:0"
 
 # Numbers are encoded as round(x * 3^10) in 64-bit integers: 9 times finer than tf-encrypted's
 # default 3^8, which left logit errors of 0.05. The integer part holds |x| < 3^6 = 729, enough for
-# the bound that share_model proves for the committed model (value_range.py). Interactive
-# truncation masks a value below 2 * 3^26 (about 2^42.2) with a random number of 42 + 1 + gap
-# bits, which must stay below 2^63: a gap of 19 bits, which hides each truncated value up to a
-# statistical distance of about 2^-19.8 (5 integer trits and a 20-bit gap gave 2^-20.4).
-# (Base 3 because interactive truncation divides by the scaling factor modulo 2^64.)
+# the bound that share_model proves for the committed model (value_range.py); at the products'
+# double scale that is below 2^42, the bits each ReLU compares. The servers' network truncates with
+# its own uniformly masked truncation (truncation.py), which divides by any whole number, so the
+# base no longer has to be odd. 3^10 stays: a finer scale would make each ReLU compare more bits
+# (its time grows with them) for logits already within 0.004 of the model's, and a coarser one would
+# cost precision for little speed. The truncation gap serves only tf-encrypted's own truncation,
+# which the benchmark's yardsticks (tf-encrypted's Keras layers) still use.
 FIXED_POINT = FixedpointConfig(
     scaling_base=3, nbits=64, precision_integral=6, precision_fractional=10,
     matmul_threshold=256, truncation_gap=19, use_noninteractive_truncation=False,

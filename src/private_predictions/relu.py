@@ -18,20 +18,20 @@ Since ``x + 2^k`` lies in [0, 2^(k+1)), ``x >= 0`` exactly when its bit k is 1. 
 bit k of ``c - r``: bit k of ``c``, XOR bit k of ``r``, XOR the borrow out of the lower k bits,
 which is ``[r mod 2^k > c mod 2^k]``, the comparison of SecureNN's "private compare" (Wagh et
 al. 2019, Algorithm 1), done here on k bits instead of 64.
-"""
-from typing import Optional
 
+A product at the double scale is divided by the scale on the way (``divisor``): the same
+opening ``c`` gives the truncated value (truncation.py), so the ReLU needs no opening of its own
+for it, and what is opened stays uniformly random.
+"""
 from tf_encrypted.operations import secure_random
 from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 
 from ._tf import tf
+from .masking import WORDS, open_masked
+from .masking import uniform as _uniform
+from .truncation import deal_wrap_material, offset, quotient_share
 
 PRIME = 67  # larger than k + 2 for every k up to 62: a sum of k + 1 bits never wraps to zero
-WORDS = (-2**63, 2**63 - 1)  # uniform 64-bit words, as tf-encrypted samples them
-
-
-def _uniform(shape, seed, low, high, dtype=tf.int64):
-    return secure_random.seeded_random_uniform(shape, minval=low, maxval=high, dtype=dtype, seed=seed)
 
 
 def _low_bits(values, k):
@@ -42,11 +42,6 @@ def _low_bits(values, k):
 
 def _bit(values, k):
     return tf.bitwise.bitwise_and(tf.bitwise.right_shift(values, k), 1)
-
-
-def _open_masked(protocol, share0, share1):
-    """A value rebuilt from its two shares: every value opened here is masked by fresh randomness."""
-    return protocol._reconstruct(share0, share1)
 
 
 def _zero_anywhere(numbers):
@@ -79,16 +74,16 @@ def _compare_share(party, bits, c, k, beta, multipliers, offsets, rotation):
     return tf.cast(tf.gather(masked, positions, batch_dims=len(masked.shape) - 1), tf.uint8)
 
 
-def relu(protocol, x: PondPrivateTensor, bound_bits: int, sign_of: Optional[PondPrivateTensor] = None):
-    """max(x, 0) on shares, given that ``sign_of`` (default ``x``) is below 2^bound_bits in magnitude.
+def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1):
+    """max(x / divisor, 0) on shares, given that x lies in [-2^bound_bits, 2^bound_bits).
 
-    ``sign_of`` may be ``x`` at another scale (its value before truncation): its sign decides, and
-    ``x`` is what comes out, so the truncation and the comparison run side by side.
+    With ``divisor`` > 1 (a product at the double scale), the result is floor(x / divisor) + 0 or 1
+    where x >= 0, read off the comparison's own opening.
     """
     k = bound_bits
     if not 1 <= k <= 62:
         raise ValueError(f"bound_bits must be between 1 and 62, not {k}")
-    sign_of = x if sign_of is None else sign_of
+    shift = offset(k, divisor) if divisor > 1 else None  # raises if 64-bit words cannot hold it
     shape = tuple(x.shape.as_list())
     servers = (protocol.server_0.device_name, protocol.server_1.device_name)
     helper = protocol.server_2.device_name
@@ -98,7 +93,7 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, sign_of: Optional[Pond
         # holds them; a seed is never used twice (equal seeds give equal random numbers).
         with tf.device(helper):
             seeds = [{name: secure_random.secure_seed() for name in names}
-                     for names in (("r", "a", "b", "bits", "ab"), ("r", "a", "b"))]
+                     for names in (("r", "a", "b", "bits", "ab", "quotient", "wrap"), ("r", "a", "b"))]
             drawn = [{name: _uniform(shape, seeds[i][name], *WORDS) for name in ("r", "a", "b")} for i in range(2)]
             r = drawn[0]["r"] + drawn[1]["r"]
             a = drawn[0]["a"] + drawn[1]["a"]
@@ -106,6 +101,8 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, sign_of: Optional[Pond
             bits1 = tf.cast(bits1 % PRIME, tf.uint8)
             ab1 = a * (drawn[0]["b"] + drawn[1]["b"]) - _uniform(shape, seeds[0]["ab"], *WORDS)
             r_top = _bit(r, k)
+            if shift is not None:
+                wrap1 = deal_wrap_material(r, divisor, seeds[0], shape)
         dealt = []
         for i, device in enumerate(servers):
             with tf.device(device):
@@ -113,22 +110,29 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, sign_of: Optional[Pond
                 if i == 0:
                     held["ab"] = _uniform(shape, seeds[0]["ab"], *WORDS)
                     held["bits"] = _uniform(shape + (k,), seeds[0]["bits"], 0, PRIME, tf.int32)
+                    if shift is not None:
+                        held["wrap"] = tuple(_uniform(shape, seeds[0][name], *WORDS) for name in ("quotient", "wrap"))
                 else:
                     held["ab"], held["bits"] = tf.identity(ab1), tf.cast(bits1, tf.int32)
+                    if shift is not None:
+                        held["wrap"] = tuple(tf.identity(share) for share in wrap1)
                 dealt.append(held)
         # server0 and server1 draw their common randomness from seeds that server2 never sees.
         with tf.device(servers[0]):
             common = {name: secure_random.secure_seed() for name in ("beta", "multipliers", "offsets", "rotation")}
-        sign_shares, x_shares = [s.value for s in sign_of.unwrapped], [s.value for s in x.unwrapped]
-        opened_c, opened_d = [], []
+        x_shares = [s.value for s in x.unwrapped]
+        opened_c, y_shares, opened_d = [], [], []
         for i, device in enumerate(servers):
             with tf.device(device):
-                opened_c.append(sign_shares[i] + dealt[i]["r"] + (2**k if i == 0 else 0))
-                opened_d.append(x_shares[i] - dealt[i]["b"])
+                opened_c.append(x_shares[i] + dealt[i]["r"] + (2**k if i == 0 else 0))
         answers, flips = [], []
         for i, device in enumerate(servers):
             with tf.device(device):
-                c = _open_masked(protocol, *opened_c)
+                c = open_masked(protocol, *opened_c)
+                # x / divisor, or x itself: what the ReLU lets through where x >= 0.
+                y_shares.append(x_shares[i] if shift is None else
+                                quotient_share(i, c + (shift - 2**k), shift, divisor, *dealt[i]["wrap"]))
+                opened_d.append(y_shares[i] - dealt[i]["b"])
                 beta = _uniform(shape, common["beta"], 0, 2, tf.int32)
                 multipliers = _uniform(shape + (k,), common["multipliers"], 1, PRIME, tf.int32)
                 offsets = _uniform(shape + (k,), common["offsets"], 0, PRIME, tf.int32)
@@ -136,12 +140,12 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, sign_of: Optional[Pond
                 answers.append(_compare_share(i, dealt[i]["bits"], c, k, beta, multipliers, offsets, rotation))
                 flips.append(tf.bitwise.bitwise_xor(_bit(c, k), tf.cast(beta, tf.int64)))
         with tf.device(helper):
-            numbers = _open_masked(protocol, *(tf.cast(answer, tf.int32) for answer in answers)) % PRIME
+            numbers = open_masked(protocol, *(tf.cast(answer, tf.int32) for answer in answers)) % PRIME
             e = tf.bitwise.bitwise_xor(_zero_anywhere(numbers), r_top) - a
         out = []
         for i, device in enumerate(servers):
             with tf.device(device):
-                d = _open_masked(protocol, *opened_d)
+                d = open_masked(protocol, *opened_d)
                 zx = e * dealt[i]["b"] + d * dealt[i]["a"] + dealt[i]["ab"] + (e * d if i == 0 else 0)
-                out.append(protocol.tensor_factory.tensor(tf.where(tf.equal(flips[i], 1), x_shares[i] - zx, zx)))
+                out.append(protocol.tensor_factory.tensor(tf.where(tf.equal(flips[i], 1), y_shares[i] - zx, zx)))
     return PondPrivateTensor(protocol, out[0], out[1], x.is_scaled)
