@@ -4,11 +4,13 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from private_predictions import ClusterError, LocalCluster, PrivateClient, RemoteCluster
+from private_predictions.cluster import LOCK_DIR
 from private_predictions.ports import find_free_base_port, free_ports, port_is_open
 from private_predictions.commands import server as server_command
 from private_predictions.config import SERVER_NAMES, ClusterConfig
@@ -19,13 +21,17 @@ def wait_for_exit(pids, timeout):
     return [p.pid for p in alive]
 
 
-def test_stop_leaves_no_process(tmp_path):
+def test_stop_leaves_no_process_and_nothing_in_the_temporary_folder(tmp_path):
     cluster = LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "c.json")
     pids = list(cluster.pids.values())
     assert all(psutil.pid_exists(pid) for pid in pids)
+    logs = Path(server_command.parse_command(cluster.processes["server0"].args).config).parent
+    assert logs.name.startswith("private-predictions-") and logs.exists()
+    locks = [LOCK_DIR / f"port-{cluster.config.address(name)[1]}.lock" for name in SERVER_NAMES]
     cluster.stop()
     assert not any(psutil.pid_exists(pid) for pid in pids)
     assert not (tmp_path / "c.json").exists()
+    assert not logs.exists() and not any(lock.exists() for lock in locks)
 
 
 @pytest.mark.parametrize("end", ["restart", "kill"])
@@ -135,6 +141,6 @@ def test_joining_servers_elsewhere_without_a_configuration_says_what_to_write(tm
 
 def test_missing_configuration_fails_fast(tmp_path):
     start = time.monotonic()
-    with pytest.raises(TimeoutError, match="02_secure_serving"):
+    with pytest.raises(TimeoutError, match="notebook 02"):
         PrivateClient.connect(tmp_path / "absent.json", timeout=1)
     assert time.monotonic() - start < 5

@@ -94,7 +94,7 @@ def test_a_killed_serving_side_gives_a_clear_error_and_a_restart_serves_again(ow
     client.predict_logits(test_images[:1])
     own_deployment.serving.stop()
     start = time.monotonic()
-    with pytest.raises(ServingStoppedError, match="02_secure_serving"):
+    with pytest.raises(ServingStoppedError, match="serve cell of notebook 02"):
         client.predict_logits(test_images[:1], timeout=60)
     assert time.monotonic() - start < 15
 

@@ -324,7 +324,7 @@ def test_servers_that_stop_give_the_helpers_error_never_a_raw_one(own_deployment
 def test_a_client_started_before_the_servers_says_what_it_waits_for_at_once(tmp_path):
     said = []
     start = time.monotonic()
-    with pytest.raises(TimeoutError, match="02_secure_serving"):
+    with pytest.raises(TimeoutError, match="notebook 02"):
         PrivateClient.connect(tmp_path / "cluster.json", timeout=2, say=said.append)
     assert len(said) == 1 and "Waiting up to 2 s" in said[0] and "cluster.json" in said[0]
     assert time.monotonic() - start < 5

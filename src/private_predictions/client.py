@@ -24,7 +24,7 @@ from .watch import ServerWatch
 QUICK_CALL_SECONDS = 10.0
 RECONNECT_ADVICE = ("This query cannot finish. Once the servers run again (notebook 02), connect "
                     "again with PrivateClient.connect(): connecting works in the same kernel.")
-SERVE_AGAIN = ("Serve again (the serve cell of notebooks/02_secure_serving.ipynb, or the serve command), "
+SERVE_AGAIN = ("Serve again (the serve cell of notebook 02, or the serve command), "
                "then send the query again; after running notebook 02 from the top, call "
                "PrivateClient.connect() first.")
 
@@ -135,22 +135,23 @@ class PrivateClient:
             self._session, self._requests = NOBODY, None
             raise ServingStoppedError(f"The serving side stopped after its last answer. {SERVE_AGAIN}")
         self.say(f"Waiting up to {max(0, deadline - time.monotonic()):.0f} s for the model to be served "
-                 "(the serve cell of notebooks/02_secure_serving.ipynb)...")
+                 "(the serve cell of notebook 02)...")
         while True:
             time.sleep(0.1)
             if someone_serves(*self._quick(self.lease.read)):
                 return self._serving_side(deadline)
             if time.monotonic() > deadline:
                 raise TimeoutError("No answer from the served model: nothing served the servers in time. "
-                                   "Is notebooks/02_secure_serving.ipynb serving requests (its serve cell)?")
+                                   "Is notebook 02 serving requests (its serve cell)?")
 
     def check_serving(self) -> None:
         """Raise ServingStoppedError if the side this client asked no longer serves."""
         owner, age = self._quick(self.lease.read)
         if owner != self._session or age > SERVING_SILENCE:
             self._requests = None  # the next query looks for the side that serves then
-            why = "it stopped" if owner in (NOBODY, self._session) else "another serving side replaced it"
-            raise ServingStoppedError(f"The serving side stopped ({why}) before answering. {SERVE_AGAIN}")
+            what = ("The serving side stopped" if owner in (NOBODY, self._session)
+                    else "Another serving side replaced the one this client asked")
+            raise ServingStoppedError(f"{what} before answering. {SERVE_AGAIN}")
 
     def predict_logits(self, images: np.ndarray, timeout: float = 120.0) -> np.ndarray:
         """Private logits for a batch of images of shape (n, 28, 28, 1) with values in [0, 1]."""
@@ -196,7 +197,7 @@ class PrivateClient:
         call = BackgroundCall(self.queues.ask, self._requests, share0, share1, name="waiting for an answer")
         return wait_for(call, max(0.0, deadline - time.monotonic()),
                         f"No answer from the served model within {timeout:.0f} s. Is "
-                        "notebooks/02_secure_serving.ipynb serving requests?",
+                        "notebook 02 serving requests (its serve cell)?",
                         watches=[self.servers.check, self.check_serving])
 
     def _abandon_queues(self) -> None:

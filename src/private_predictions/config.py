@@ -24,7 +24,7 @@ class ClusterConfig:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(
-                f"No cluster configuration at {path}. Run notebooks/02_secure_serving.ipynb "
+                f"No cluster configuration at {path}. Run notebook 02 (secure serving) "
                 "first: it starts the servers and writes this file."
             )
         hosts = json.loads(path.read_text(), object_pairs_hook=OrderedDict)

@@ -13,7 +13,7 @@ def load_logits_model(path: Path = MODEL_PATH):
     """
     if not Path(path).exists():
         raise FileNotFoundError(
-            f"No trained model at {path}. Run notebooks/01_public_training.ipynb first, "
+            f"No trained model at {path}. Run notebook 01 (public training) first, "
             "or restore the committed one with `git checkout -- models/`."
         )
     trained = tf.keras.models.load_model(path)

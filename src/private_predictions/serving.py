@@ -240,7 +240,7 @@ class _Session:
         of_total = "" if num_requests is None else f"/{num_requests}"
         how_many = "until interrupted" if num_requests is None else f"{num_requests} queries"
         how_long = "" if timeout is None else f", waiting up to {timeout:.0f} s for each"
-        self.report(f"Serving {how_many}{how_long}: run notebooks/03_private_prediction.ipynb now.")
+        self.report(f"Serving {how_many}{how_long}: run notebook 03 (private prediction) now.")
         number = 0
         while num_requests is None or number < num_requests:
             try:
@@ -294,7 +294,7 @@ class _Session:
                 client_id, batch, answered = wait_for(self._incoming, wait, "", watches=[self.check_lease])
             except TimeoutError:
                 raise TimeoutError(f"No private query arrived within {timeout:.0f} s. Run the client "
-                                   "(notebooks/03_private_prediction.ipynb) while this one serves.") from None
+                                   "(notebook 03) while this one serves.") from None
             except tf.errors.OpError as error:
                 return self._expected_failed(error)
             finally:
