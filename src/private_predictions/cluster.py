@@ -3,6 +3,7 @@ import ctypes
 import fcntl
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -32,7 +33,7 @@ def _die_with_parent():
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-START_WITH_NOTEBOOK_02 = "Start them with notebooks/02_secure_serving.ipynb."
+START_WITH_NOTEBOOK_02 = "Start them with notebook 02 (secure serving)."
 START_ON_EACH_MACHINE = ("Start each on its machine with `python -m private_predictions.commands.server CONFIG NAME` "
                          "(docs: several machines), and check that no firewall blocks the ports.")
 
@@ -65,7 +66,7 @@ def wait_for_servers(config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 1
         return config
     if not config_path.exists():
         raise TimeoutError(f"No cluster configuration appeared at {config_path} within {timeout:.0f} s. "
-                           f"Start the servers with notebooks/02_secure_serving.ipynb first.")
+                           f"Start the servers with notebook 02 (secure serving) first.")
     hosts = ", ".join(ClusterConfig.load(config_path).hosts.values())
     raise TimeoutError(f"The servers in {config_path} ({hosts}) are not answering after {timeout:.0f} s. "
                        f"{how_to_start}")
@@ -130,17 +131,30 @@ def _lock(key: str, deadline: float, what: str) -> int:
     except PermissionError:
         pass
     path = LOCK_DIR / f"{key}.lock"
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return descriptor
+            # The holder before us deletes the file before letting go (_unlock): locked, but deleted
+            # or replaced since we opened it, it no longer guards anything. Open it again.
+            if os.path.exists(path) and os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+                return descriptor
         except BlockingIOError:
             if time.monotonic() > deadline:
                 os.close(descriptor)
                 raise ClusterError(f"{what} is being started by another process and did not become free in "
                                    "time; try again in a minute.") from None
             time.sleep(SLICE / 2)
+        os.close(descriptor)
+
+
+def _unlock(key: str, descriptor: int) -> None:
+    """Let go of a lock, deleting its file first, so that no file is left behind in the lock folder."""
+    try:
+        os.unlink(LOCK_DIR / f"{key}.lock")
+    except FileNotFoundError:
+        pass
+    os.close(descriptor)
 
 
 class LocalCluster:
@@ -154,6 +168,7 @@ class LocalCluster:
         self.config_path = Path(config_path)
         self.processes: Dict[str, subprocess.Popen] = {}
         self._logs: Dict[str, Path] = {}
+        self._log_dir: Optional[Path] = None  # the servers' logs and their copy of the cluster file
 
     @classmethod
     def start(cls, base_port: Optional[int] = None, config_path: Path = CLUSTER_CONFIG_PATH,
@@ -187,7 +202,7 @@ class LocalCluster:
             for key in sorted(keys):  # one order for all, so two starts never hold one lock each
                 descriptor = _lock(key, deadline, f"The cluster of {self.config_path}" if len(key) == 16
                                    else f"Port {key[5:]}")
-                stack.callback(os.close, descriptor)
+                stack.callback(_unlock, key, descriptor)
         except BaseException:
             stack.close()
             raise
@@ -248,7 +263,7 @@ class LocalCluster:
         with self._locks(deadline):
             self._refuse_to_replace_a_running_cluster()
             self._clear_ports()
-            log_dir = Path(tempfile.mkdtemp(prefix="private-predictions-"))
+            log_dir = self._log_dir = Path(tempfile.mkdtemp(prefix="private-predictions-"))
             # The servers read a copy of their own: a start racing for the same cluster file
             # can then neither change their ports nor see a file naming servers not yet proven.
             own_copy = log_dir / "cluster.json"
@@ -310,6 +325,8 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout)
+        if self._log_dir is not None:  # nothing of this cluster stays in the temporary folder
+            shutil.rmtree(self._log_dir, ignore_errors=True)
         try:
             if ClusterConfig.load(self.config_path) == self.config:  # not another start's file
                 self.config_path.unlink()
