@@ -112,15 +112,26 @@ def _ask(input0, input1, output0, output1, requests, share0, share1, client_id, 
         return _dequeue_both(output0, output1)
 
 
+def _devices(protocol):
+    return protocol.server_0.device_name, protocol.server_1.device_name
+
+
+def _prefix(client_id: str) -> str:
+    return f"{PREFIX}/clients/{client_id}"
+
+
+def input_queues(protocol, client_id: str):
+    """The queues where ``client_id`` puts its two input shares, one on server0 and one on server1."""
+    return [SharedQueue(d, f"{_prefix(client_id)}/in-{i}") for i, d in enumerate(_devices(protocol))]
+
+
 class ClientQueues:
     """One client's queues: input and output shares, on server0 and server1."""
 
     def __init__(self, protocol, client_id: str = None):
         self.client_id = client_id or uuid.uuid4().hex
-        devices = (protocol.server_0.device_name, protocol.server_1.device_name)
-        prefix = f"{PREFIX}/clients/{self.client_id}"
-        self.inputs = [SharedQueue(d, f"{prefix}/in-{i}") for i, d in enumerate(devices)]
-        self.outputs = [SharedQueue(d, f"{prefix}/out-{i}") for i, d in enumerate(devices)]
+        self.inputs = input_queues(protocol, self.client_id)
+        self.outputs = [SharedQueue(d, f"{_prefix(self.client_id)}/out-{i}") for i, d in enumerate(_devices(protocol))]
 
     def ask(self, requests: SharedQueue, share0, share1):
         """Send the shares and the request; return the two shares of the answer once both are there.
@@ -135,10 +146,6 @@ class ClientQueues:
     def receive(self):
         """The two shares of the answer; waits until both are there (cancel with :meth:`close_outputs`)."""
         return _dequeue_pair(self.outputs[0].handle, self.outputs[1].handle)
-
-    def shares_waiting(self) -> bool:
-        """Whether both input queues hold a share (a quick look, far cheaper than a computation)."""
-        return all(int(size) > 0 for size in _sizes(self.inputs[0].handle, self.inputs[1].handle))
 
     def discard_inputs(self) -> None:
         """Throw away the input shares waiting here (a request that is dropped or refused)."""
@@ -183,9 +190,30 @@ def take_waiting(requests: SharedQueue) -> List[Tuple[str, int]]:
             for client_id, batch in zip(client_ids.numpy(), batches.numpy())]
 
 
+LOOKED_AT_TOGETHER = 16  # clients whose input queues one call looks at (traced once for this many)
+
+
 @tf.function
-def _sizes(handle0, handle1):
-    return gen_data_flow_ops.queue_size_v2(handle0), gen_data_flow_ops.queue_size_v2(handle1)
+def _both_filled(handles0, handles1):
+    return tf.stack([tf.logical_and(gen_data_flow_ops.queue_size_v2(handle0) > 0,
+                                    gen_data_flow_ops.queue_size_v2(handle1) > 0)
+                     for handle0, handle1 in zip(handles0, handles1)])
+
+
+def shares_waiting(protocol, client_ids: List[str]) -> List[bool]:
+    """For each client, whether both its input queues hold a share: a quick look at many clients at once.
+
+    Far cheaper than a secure computation, so that requests with nothing behind them, however
+    many, cost the serving side little.
+    """
+    found = []
+    for start in range(0, len(client_ids), LOOKED_AT_TOGETHER):
+        chunk = client_ids[start:start + LOOKED_AT_TOGETHER]
+        queues = [input_queues(protocol, client_id) for client_id in chunk]
+        queues += [queues[0]] * (LOOKED_AT_TOGETHER - len(queues))  # always as many: one trace
+        filled = _both_filled([q[0].handle for q in queues], [q[1].handle for q in queues])
+        found += [bool(both) for both in filled.numpy()[:len(chunk)]]
+    return found
 
 
 def take_request(requests: SharedQueue) -> Tuple[str, int]:

@@ -14,7 +14,7 @@ from .config import ClusterConfig
 from .data import IMAGE_SHAPE
 from .network import SecretNetwork
 from .queues import (MAX_BATCH_SIZE, NOBODY, REQUEST_DTYPES, SERVING_SILENCE, ClientQueues, ServingLease,
-                     request_queue, someone_serves, take_request, take_waiting)
+                     request_queue, shares_waiting, someone_serves, take_request, take_waiting)
 from .value_range import fitting
 from .waiting import WATCH_INTERVAL, BackgroundCall, bounded, wait_for
 from .watch import ServerUnreachableError, ServerWatch, first_dead_server
@@ -125,18 +125,14 @@ class SecureModel:
         with tf.device(protocol.server_0.device_name), tf.control_dependencies([answered0, answered1]):
             return tf.constant(True)
 
-    def _queues_of(self, client_id: str, remember: bool = True) -> ClientQueues:
-        """The queues of ``client_id``; remembered (up to REMEMBERED_CLIENTS) unless ``remember`` is False,
-        so that requests with nothing behind them cannot push real clients out."""
+    def _queues_of(self, client_id: str) -> ClientQueues:
         if client_id in self._clients:
             self._clients.move_to_end(client_id)
-            return self._clients[client_id]
-        queues = self._quick(ClientQueues, self.protocol, client_id)
-        if remember:
-            self._clients[client_id] = queues
+        else:
+            self._clients[client_id] = self._quick(ClientQueues, self.protocol, client_id)
             if len(self._clients) > REMEMBERED_CLIENTS:
                 self._clients.popitem(last=False)
-        return queues
+        return self._clients[client_id]
 
     def serve(self, num_requests: Optional[int], timeout: Optional[float] = 120.0,
               report: Optional[Callable[[str], None]] = print) -> None:
@@ -283,7 +279,8 @@ class _Session:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             while self.backlog:
-                outcome = self._take(*self.backlog.popleft())
+                client_id, batch, filled = self.backlog.popleft()
+                outcome = self._take(client_id, batch) if filled else None
                 if outcome is not None:
                     return outcome
                 self.dropped += 1
@@ -302,9 +299,12 @@ class _Session:
                     self._incoming = None
             if answered:
                 return self._answered(client_id, batch)
-            # Not the client expected: take it here, with every request queued behind it in one call.
-            self.backlog.append((client_id, batch))
-            self.backlog.extend(self._call(take_waiting, self.requests))
+            # Not the client expected: take it here, with every request queued behind it, in one call,
+            # and look at all their input queues in another: a computation costs ten times more, and
+            # a flood of requests with nothing behind them would hold up the real ones queued behind.
+            taken = [(client_id, batch)] + self._call(take_waiting, self.requests)
+            filled = self._call(shares_waiting, self.model.protocol, [taken_id for taken_id, _ in taken])
+            self.backlog.extend((*request, full) for request, full in zip(taken, filled))
 
     def _listen(self) -> BackgroundCall:
         """Wait for the next request: on the servers, which answer it at once if the client answered
@@ -353,10 +353,6 @@ class _Session:
             problem = self._problem_with(client_id, batch)
             if problem:
                 return f"refused, {problem}"
-            # A quick look first: a computation costs ten times more, and a flood of such requests
-            # would hold up the real ones queued behind them.
-            if not self._call(self.model._queues_of(client_id, remember=False).shares_waiting):
-                return None
             return self._answer(client_id, batch)
         except tf.errors.OpError as error:  # e.g. queues of that name made by someone else, unlike ours
             return f"refused ({error.message.splitlines()[0][:200]})"
