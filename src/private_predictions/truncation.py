@@ -6,8 +6,8 @@ servers open the value plus a random mask and correct for the wrap. tf-encrypted
 draws that mask below 2^62: what it opens is only close to uniform (a statistical distance of
 2^-19.8 per value), and when it is not, it tells server1 a bound on the value.
 
-Here the mask r is uniform on all 64-bit words, so the opened c = x + L + r is uniformly random,
-whatever x is; the wrap-around that a full mask causes is corrected with two more shares that
+Here the mask r is uniform on all 64-bit words (to within 2^-64, see masking.py), so the opened
+c = x + L + r is uniformly random, whatever x is; the wrap-around that a full mask causes is corrected with two more shares that
 server2 deals with r: of r_q = floor(r / D), and of h = [r >= 2^63] * delta, where
 delta = floor(2^64 / D) + [r mod D < 2^64 mod D]. With L a multiple of D and |x| < L (so that
 2L < 2^63), lambda = [c < 2^63] and c_q = floor(c / D), read as unsigned numbers, give
