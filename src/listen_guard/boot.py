@@ -23,7 +23,8 @@ def relaunch_with_guard() -> None:
         return
     if not arguments or not sys.executable:
         return
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *arguments[1:]], listen_guard.preload_environment())
 
 

@@ -3,8 +3,8 @@
 Every value that server0 and server1 open (rebuild from its two shares) is a secret plus a
 uniformly random mask that neither of them knows alone: the opened value is then uniformly
 random too, whatever the secret. (To within 2^-64: like tf-encrypted, ``uniform`` draws words
-from [-2^63, 2^63 - 1), one word short of all of them.) Masks grow from seeds, so a share that two servers must agree
-on costs a seed, not a message: equal seeds give equal random numbers.
+from [-2^63, 2^63 - 1), one word short of all of them.) Masks grow from seeds, so a share that
+two servers must agree on costs a seed, not a message: equal seeds give equal random numbers.
 """
 from tf_encrypted.operations import secure_random
 

@@ -29,7 +29,7 @@ from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 from ._tf import tf
 from .masking import WORDS, open_masked
 from .masking import uniform as _uniform
-from .truncation import deal_wrap_material, offset, quotient_share
+from .truncation import deal_wrap_material, offset, quotient_share, seeded_wrap_shares
 
 PRIME = 67  # larger than k + 2 for every k up to 62: a sum of k + 1 bits never wraps to zero
 
@@ -111,7 +111,7 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1):
                     held["ab"] = _uniform(shape, seeds[0]["ab"], *WORDS)
                     held["bits"] = _uniform(shape + (k,), seeds[0]["bits"], 0, PRIME, tf.int32)
                     if shift is not None:
-                        held["wrap"] = tuple(_uniform(shape, seeds[0][name], *WORDS) for name in ("quotient", "wrap"))
+                        held["wrap"] = seeded_wrap_shares(seeds[0], shape)
                 else:
                     held["ab"], held["bits"] = tf.identity(ab1), tf.cast(bits1, tf.int32)
                     if shift is not None:

@@ -7,8 +7,8 @@ draws that mask below 2^62: what it opens is only close to uniform (a statistica
 2^-19.8 per value), and when it is not, it tells server1 a bound on the value.
 
 Here the mask r is uniform on all 64-bit words (to within 2^-64, see masking.py), so the opened
-c = x + L + r is uniformly random, whatever x is; the wrap-around that a full mask causes is corrected with two more shares that
-server2 deals with r: of r_q = floor(r / D), and of h = [r >= 2^63] * delta, where
+c = x + L + r is uniformly random, whatever x is; the wrap-around that a full mask causes is
+corrected with two more shares that server2 deals with r: of r_q = floor(r / D), and of h = [r >= 2^63] * delta, where
 delta = floor(2^64 / D) + [r mod D < 2^64 mod D]. With L a multiple of D and |x| < L (so that
 2L < 2^63), lambda = [c < 2^63] and c_q = floor(c / D), read as unsigned numbers, give
 
@@ -71,10 +71,14 @@ def quotient_share(party: int, c, offset_: int, divisor: int, quotient_share_, w
     return share
 
 
+def seeded_wrap_shares(seeds, shape):
+    """server0's shares of r_q and h: grown from ``seeds["quotient"]`` and ``seeds["wrap"]``, which server2 drew."""
+    return uniform(shape, seeds["quotient"], *WORDS), uniform(shape, seeds["wrap"], *WORDS)
+
+
 def deal_wrap_material(r, divisor: int, seeds, shape):
-    """On server2: server1's shares of r_q and h (server0's grow from ``seeds["quotient"]``, ``seeds["wrap"]``)."""
-    r_quotient, wrap = wrap_material(r, divisor)
-    return (r_quotient - uniform(shape, seeds["quotient"], *WORDS), wrap - uniform(shape, seeds["wrap"], *WORDS))
+    """On server2: server1's shares of r_q and h, the rest of what :func:`seeded_wrap_shares` grows."""
+    return tuple(whole - share for whole, share in zip(wrap_material(r, divisor), seeded_wrap_shares(seeds, shape)))
 
 
 def truncate(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int) -> PondPrivateTensor:
@@ -94,10 +98,7 @@ def truncate(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int) -> P
         masked, held = [], []
         for i, (device, share) in enumerate(zip(servers, x.unwrapped)):
             with tf.device(device):
-                if i == 0:
-                    held.append((uniform(shape, seeds[0]["quotient"], *WORDS), uniform(shape, seeds[0]["wrap"], *WORDS)))
-                else:
-                    held.append(tuple(tf.identity(s) for s in sent))
+                held.append(seeded_wrap_shares(seeds[0], shape) if i == 0 else tuple(tf.identity(s) for s in sent))
                 masked.append(share.value + uniform(shape, seeds[i]["r"], *WORDS) + (shift if i == 0 else 0))
         out = []
         for i, device in enumerate(servers):
