@@ -5,9 +5,10 @@ from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 
 from private_predictions import connect
 from private_predictions._tf import tf
+from private_predictions.protocol import FIXED_POINT
 from private_predictions.truncation import offset, quotient_share, truncate, wrap_material
 
-SCALE, K = 3**10, 42  # the network's divisor and the bound of its products (2^42 > 729 * 3^20)
+SCALE, K = FIXED_POINT.scaling_factor, 42  # the network's divisor and the bound of its products (2^42 > 729 * 3^20)
 
 
 def combine(x, r, divisor, k, dtype):

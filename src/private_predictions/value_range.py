@@ -1,8 +1,7 @@
 """A proven bound on every value the servers compute, for any input with pixels in [0, 1].
 
 The servers compute on fixed-point numbers with a fixed integer part: a value that
-leaves it is not just wrong, it also stops being hidden by tf-encrypted's interactive
-truncation. Observing MNIST images proves nothing about what a client may send, so
+leaves it is compared and truncated wrongly (the ReLU looks at the bits the bound allows only). Observing MNIST images proves nothing about what a client may send, so
 before a model is shared its values are bounded by interval arithmetic: each layer
 maps a box of possible inputs to a box containing all of its outputs (a lower and an
 upper bound for every value), from the box [0, 1] of the input pixels onwards.
@@ -17,10 +16,9 @@ from typing import List, Tuple
 import numpy as np
 
 from ._tf import tf
+from .protocol import FIXED_POINT
 
-# protocol.FIXED_POINT's scaling factor; a test checks they agree (importing protocol would import
-# the cluster code into this module).
-SCALE = 3 ** 10
+SCALE = FIXED_POINT.scaling_factor
 
 # The servers round each weight w to round(w / area * scale) / scale and each bias b to
 # round(b * scale^2) / scale^2 (network.py): half a unit off at most, plus the float32 rounding of
@@ -158,7 +156,7 @@ def _magnitude(box) -> float:
 
 
 def _truncated(box, scale):
-    """tf-encrypted's interactive truncation returns floor(x / scale) or one more: the value moves
+    """The servers' truncation (truncation.py) returns floor(x / scale) or one more: the value moves
     by less than one unit (1 / scale) either way."""
     return box[0] - 1.0 / scale, box[1] + 1.0 / scale
 
@@ -246,7 +244,7 @@ def _too_large(found, limit: float) -> ValueRangeError:
     return ValueRangeError(
         f"This model can compute values up to {bound:.0f} in magnitude (layer {name}), but the "
         f"fixed-point encoding holds values below {limit:.0f} only, and a value outside it would "
-        "no longer be hidden. Retrain with smaller weights (e.g. L2 regularisation) or fewer "
+        "be compared and truncated wrongly. Retrain with smaller weights (e.g. L2 regularisation) or fewer "
         "filters, or scale the inputs down.")
 
 
