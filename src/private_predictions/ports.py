@@ -4,6 +4,8 @@ from typing import List, Optional
 
 import psutil
 
+import listen_guard
+
 
 def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
     """Whether something accepts connections there within ``timeout`` s.
@@ -78,8 +80,7 @@ def who_listens_on(port: int) -> Optional[psutil.Process]:
 def listens_on(pid: int, port: int) -> bool:
     """Whether process ``pid`` itself holds a listening socket on ``port``."""
     try:
-        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
-                   for c in psutil.Process(pid).net_connections(kind="tcp"))
+        return bool(listen_guard.listening_addresses(pid, port))
     except (psutil.AccessDenied, psutil.NoSuchProcess):
         return False
 
