@@ -1,19 +1,26 @@
 """Private predictions with TF Encrypted, in the shape of the Syft Keras workflow.
 
 * model owner: ``LocalCluster.start()`` (or ``RemoteCluster.join()``), ``connect``, ``share_model``,
-  ``SecureModel.serve``
+  ``cluster.admit``, ``SecureModel.serve``
 * client: ``PrivateClient.connect()``, ``PrivateClient.predict``
-"""
-from .client import InvalidImageError, PrivateClient, RequestRefusedError, ServingStoppedError, softmax
-from .cluster import ClusterError, LocalCluster, RemoteCluster
-from .data import load_mnist
-from .model import load_logits_model
-from .protocol import connect
-from .serving import SecureModel, ServingConflictError, share_model
-from .watch import ServerUnreachableError
 
-__all__ = [
-    "ClusterError", "InvalidImageError", "LocalCluster", "PrivateClient", "RemoteCluster", "RequestRefusedError",
-    "SecureModel", "ServerUnreachableError", "ServingConflictError", "ServingStoppedError", "connect",
-    "load_logits_model", "load_mnist", "share_model", "softmax",
-]
+Names are imported when first used, so that a client's machine, which has numpy and grpc
+but no TensorFlow, can import the client (and the data and plots) from this package.
+"""
+import importlib
+
+_WHERE = {
+    "InvalidImageError": "client", "NotAdmittedError": "client", "PrivateClient": "client",
+    "RequestRefusedError": "client", "RuntimeClient": "runtime_client", "ServingStoppedError": "client", "softmax": "client",
+    "ClusterError": "cluster", "LocalCluster": "cluster", "RemoteCluster": "cluster",
+    "load_mnist": "data", "load_logits_model": "model", "connect": "protocol",
+    "SecureModel": "serving", "ServingConflictError": "serving", "share_model": "serving",
+    "ServerUnreachableError": "watch",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

@@ -1,74 +1,116 @@
-"""Client side: secret-share images on this device, query the served model, rebuild results here.
+"""The client: ask the served model about your images without showing them to anyone.
 
-tf-encrypted's own ``QueueClient.receive_output`` asks the servers to reveal the
-result, which puts the plaintext prediction on the servers. This client fetches the
-two output shares instead and adds them up on its own device only.
+This module reads on its own, and needs only numpy and grpc: no TensorFlow, nothing of
+the servers. A query takes three steps:
+
+1. ``share``: encode every pixel as a whole number (fixed point) and split it into two
+   shares, a uniformly random one and the difference, each alone pure noise;
+2. send one share to server0's *door* and the other to server1's, over TLS, with the
+   token from your card; each door passes its share to its server, and returns that
+   server's share of the answer;
+3. ``reconstruct``: add the two shares of the answer up, here, on your device.
+
+Your *card* (a small JSON file from the model owner) says where the two doors are, which
+certificate each must show (no other is accepted), your token, and how numbers are encoded.
 """
+import json
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
+import grpc
 import numpy as np
 
-from ._tf import tf
-from .cluster import wait_for_servers
-from .config import ClusterConfig
-from .data import IMAGE_SHAPE
-from .paths import CLUSTER_CONFIG_PATH
-from .protocol import LOCAL_DEVICE, connect
-from .queues import (MAX_BATCH_SIZE, NOBODY, SERVING_SILENCE, ClientQueues, ServingLease, request_queue,
-                     someone_serves)
-from .waiting import BackgroundCall, bounded, wait_for
-from .watch import ServerWatch
+from .paths import CARD_PATH, shown
 
-QUICK_CALL_SECONDS = 10.0
-RECONNECT_ADVICE = ("This query cannot finish. Once the servers run again (notebook 02), connect "
-                    "again with PrivateClient.connect(): connecting works in the same kernel.")
-SERVE_AGAIN = ("Serve again (the serve cell of notebook 02, or the serve command), "
-               "then send the query again; after running notebook 02 from the top, call "
-               "PrivateClient.connect() first.")
-
-
-class ServingStoppedError(RuntimeError):
-    """The serving side stopped while this client waited for an answer."""
-
-
-class RequestRefusedError(RuntimeError):
-    """The serving side refused the request it took from this client's queues."""
+# What travels through a door: gRPC, one method, raw bytes. The request's body is one share,
+# little-endian 64-bit integers of shape (batch, 28, 28, 1); the answer, one share of the logits.
+SERVICE = "private_predictions.Door"
+ASK, HELLO = f"/{SERVICE}/Ask", f"/{SERVICE}/Hello"
+WORD = np.dtype("<i8")
+DOORS = ("server0", "server1")
+NOT_SERVING = "not serving: "  # how a door's refusal starts when nobody serves the model right now
+QUICK_SECONDS = 10.0
+# Ping a door every 2 s while waiting: a door that went silent (cable, Wi-Fi, sleep) is noticed
+# within seconds instead of at the query's deadline. The doors accept pings that often.
+CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 2000), ("grpc.keepalive_timeout_ms", 3000),
+                   ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
 
 
 class InvalidImageError(ValueError):
     """The images cannot be sent: the message says what is wrong with them."""
 
 
-def validate_images(images) -> np.ndarray:
+class DoorError(ConnectionError):
+    """A door could not be reached, or did not show the certificate in the card."""
+
+
+class NotAdmittedError(PermissionError):
+    """A door refused the token: unknown, revoked, or over its limit."""
+
+
+class RequestRefusedError(RuntimeError):
+    """A door or the serving side refused this request."""
+
+
+class ServingStoppedError(RuntimeError):
+    """Nobody serves the model (any more): the model owner must serve it (notebook 02)."""
+
+
+def door_name(server: str) -> str:
+    """The name in a door's certificate: the card pins the certificate, whatever address it is reached at."""
+    return f"{server}.door.private-predictions"
+
+
+@dataclass(frozen=True)
+class Card:
+    """What a client needs to know: the doors, their certificates, its token, the encoding."""
+    name: str
+    token: str
+    doors: Dict[str, Dict[str, str]]  # server -> {"address": "host:port", "certificate": PEM}
+    scaling_factor: int
+    image_shape: tuple
+    max_batch: int
+
+    @classmethod
+    def load(cls, path) -> "Card":
+        fields = json.loads(Path(path).read_text())
+        if set(fields.get("doors", {})) != set(DOORS):
+            raise ValueError(f"{path} is not a card: it must name the doors of {DOORS}")
+        return cls(**dict(fields, image_shape=tuple(fields["image_shape"])))
+
+    def save(self, path) -> None:
+        """Only its owner may read it: the token in it admits whoever holds it."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+            json.dump(dict(self.__dict__, image_shape=list(self.image_shape)), file, indent=2)
+        os.replace(temporary, path)
+
+
+def validate_images(images, shape=(28, 28, 1), max_batch: int = 64) -> np.ndarray:
     """Check a batch before anything leaves this device; return it as float64."""
     if not isinstance(images, np.ndarray):
-        raise InvalidImageError(
-            f"images must be a NumPy array, got {type(images).__name__}. "
-            "Stack them first, e.g. np.stack(list_of_images)."
-        )
+        raise InvalidImageError(f"images must be a NumPy array, got {type(images).__name__}. "
+                                "Stack them first, e.g. np.stack(list_of_images).")
     if images.dtype.kind not in "fiu":
         raise InvalidImageError(f"images must hold numbers, got dtype {images.dtype}")
-    if images.ndim != 1 + len(IMAGE_SHAPE) or images.shape[1:] != IMAGE_SHAPE:
-        raise InvalidImageError(
-            f"images must have shape (batch, {', '.join(map(str, IMAGE_SHAPE))}), got {images.shape}. "
-            "For one image x of shape (28, 28) use x.reshape(1, 28, 28, 1)."
-        )
+    if images.ndim != 1 + len(shape) or images.shape[1:] != tuple(shape):
+        raise InvalidImageError(f"images must have shape (batch, {', '.join(map(str, shape))}), got "
+                                f"{images.shape}. For one image x of shape (28, 28) use x.reshape(1, 28, 28, 1).")
     if images.shape[0] == 0:
         raise InvalidImageError("the batch is empty: send at least one image")
-    if images.shape[0] > MAX_BATCH_SIZE:
-        raise InvalidImageError(
-            f"a batch of {images.shape[0]} images is larger than the {MAX_BATCH_SIZE} "
-            "the servers accept; split it into smaller batches"
-        )
+    if images.shape[0] > max_batch:
+        raise InvalidImageError(f"a batch of {images.shape[0]} images is larger than the {max_batch} the "
+                                "servers accept; split it into smaller batches")
     if images.dtype.kind == "f" and not np.isfinite(images).all():
         raise InvalidImageError("images contain NaN or infinite values")
     if images.min() < 0 or images.max() > 1:
-        raise InvalidImageError(
-            f"pixel values must lie in [0, 1], got [{images.min()}, {images.max()}]; "
-            "divide 0-255 images by 255"
-        )
+        raise InvalidImageError(f"pixel values must lie in [0, 1], got [{images.min()}, {images.max()}]; "
+                                "divide 0-255 images by 255")
     return images.astype(np.float64)
 
 
@@ -77,153 +119,176 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
+def random_words(shape) -> np.ndarray:
+    """Uniformly random 64-bit words from the operating system's secure source (never numpy's generator)."""
+    count = int(np.prod(shape))
+    return np.frombuffer(os.urandom(8 * count), dtype=WORD).reshape(shape).copy()
+
+
+def new_client_id() -> str:
+    return os.urandom(16).hex()
+
+
 class PrivateClient:
     """Ask the served model for predictions without showing it the images."""
 
-    def __init__(self, protocol, config: ClusterConfig, say=print):
-        self.protocol = protocol
-        self.config = config
-        self.say = say
-        self.servers = ServerWatch(config, RECONNECT_ADVICE)
-        self.lease = self._quick(ServingLease, protocol)
-        self.queues: Optional[ClientQueues] = None  # made when first needed, fresh after a failure
-        self._session, self._requests = NOBODY, None
+    def __init__(self, card: Card, say=print):
+        self.card, self.say = card, say
+        self._channels = {}
+        self._stubs = {}
+        for server in DOORS:
+            credentials = grpc.ssl_channel_credentials(root_certificates=card.doors[server]["certificate"].encode())
+            channel = grpc.secure_channel(card.doors[server]["address"], credentials, options=CHANNEL_OPTIONS + [
+                ("grpc.ssl_target_name_override", door_name(server))])
+            self._channels[server] = channel
+            self._stubs[server] = {method: channel.unary_unary(method) for method in (ASK, HELLO)}
+        # Names this client's queues on the servers (with the token); fresh after any failure, so a late
+        # answer to an abandoned query can never be taken for the next one's.
+        self._client_id = new_client_id()
+        self.bytes_sent = self.bytes_received = 0
+        self._served = False
 
     @classmethod
-    def connect(cls, config_path: Path = CLUSTER_CONFIG_PATH, timeout: float = 120.0, say=print):
-        """Connect to the servers named in ``config_path``, waiting up to ``timeout`` s for them."""
-        config = wait_for_servers(config_path, timeout, say=say)
-        return cls(connect(config), config, say)
+    def connect(cls, card_path=CARD_PATH, timeout: float = 120.0, say=print) -> "PrivateClient":
+        """Read the card at ``card_path`` (waiting up to ``timeout`` s for it) and greet both doors."""
+        card_path, deadline = Path(card_path), time.monotonic() + timeout
+        if not card_path.exists():
+            say(f"Waiting up to {timeout:.0f} s for your card, {shown(card_path)} (notebook 02 writes it "
+                "when it admits you; in a class, the teacher gives it to you)...")
+            while not card_path.exists():
+                if time.monotonic() > deadline:
+                    raise FileNotFoundError(f"No card at {shown(card_path)}. Run notebook 02 up to its admit cell, "
+                                            "or copy the card the teacher gave you there.")
+                time.sleep(0.1)
+        client = cls(Card.load(card_path), say)
+        client.hello(max(QUICK_SECONDS, deadline - time.monotonic()))
+        return client
 
     def __repr__(self):
-        return "PrivateClient(" + ", ".join(f"{n}={a}" for n, a in self.config.hosts.items()) + ")"
+        doors = ", ".join(f"{server}={door['address']}" for server, door in self.card.doors.items())
+        return f"PrivateClient({self.card.name!r}: doors {doors}, TLS with the card's certificates)"
 
-    def _quick(self, function, *args):
-        return bounded(function, *args, timeout=QUICK_CALL_SECONDS, watches=[self.servers.check],
-                       message=f"The servers did not answer within {QUICK_CALL_SECONDS:.0f} s. {RECONNECT_ADVICE}")
-
-    @property
-    def scaling_factor(self) -> int:
-        return self.protocol.fixedpoint_config.scaling_factor
+    def hello(self, timeout: float = QUICK_SECONDS) -> None:
+        """Check that both doors answer, show the card's certificates, and admit its token."""
+        calls = {server: self._stubs[server][HELLO].future(b"", metadata=self._metadata(0), timeout=timeout)
+                 for server in DOORS}
+        self._collect(calls, time.monotonic() + timeout)
 
     def share(self, images: np.ndarray):
-        """Split fixed-point encoded images into two random-looking shares, on this device.
+        """Split fixed-point encoded images into two shares, on this device.
 
-        share0 is uniformly random; share1 = encoded - share0 (mod 2^64). Either one
-        alone says nothing about the images.
+        share0 is uniformly random; share1 = encoded - share0 (mod 2^64, numpy's int64
+        arithmetic wraps around). Either one alone says nothing about the images.
         """
-        encoded = np.round(images * self.scaling_factor).astype(np.int64)
-        with tf.device(LOCAL_DEVICE):
-            share0 = self.protocol.tensor_factory.sample_uniform(encoded.shape).value
-            share1 = tf.constant(encoded) - share0
-        return share0, share1
+        encoded = np.round(images * self.card.scaling_factor).astype(np.int64)
+        share0 = random_words(encoded.shape)
+        return share0, encoded - share0
 
     def reconstruct(self, share0: np.ndarray, share1: np.ndarray) -> np.ndarray:
         """Add two shares (mod 2^64) and decode the fixed-point result."""
-        return (share0 + share1) / self.scaling_factor
-
-    def _serving_side(self, deadline: float) -> None:
-        """Find the request queue of the side that serves now, waiting for one until ``deadline``."""
-        owner, age = self._quick(self.lease.read)
-        if someone_serves(owner, age):
-            if owner != self._session or self._requests is None:
-                self._requests = self._quick(request_queue, self.protocol, owner)
-                self._session = owner
-            return
-        if self._session != NOBODY:
-            # It served this client before: no one waits two minutes to learn that it stopped.
-            self._session, self._requests = NOBODY, None
-            raise ServingStoppedError(f"The serving side stopped after its last answer. {SERVE_AGAIN}")
-        self.say(f"Waiting up to {max(0, deadline - time.monotonic()):.0f} s for the model to be served "
-                 "(the serve cell of notebook 02)...")
-        while True:
-            time.sleep(0.1)
-            if someone_serves(*self._quick(self.lease.read)):
-                return self._serving_side(deadline)
-            if time.monotonic() > deadline:
-                raise TimeoutError("No answer from the served model: nothing served the servers in time. "
-                                   "Is notebook 02 serving requests (its serve cell)?")
-
-    def check_serving(self) -> None:
-        """Raise ServingStoppedError if the side this client asked no longer serves."""
-        owner, age = self._quick(self.lease.read)
-        if owner != self._session or age > SERVING_SILENCE:
-            self._requests = None  # the next query looks for the side that serves then
-            what = ("The serving side stopped" if owner in (NOBODY, self._session)
-                    else "Another serving side replaced the one this client asked")
-            raise ServingStoppedError(f"{what} before answering. {SERVE_AGAIN}")
+        return (share0 + share1) / self.card.scaling_factor
 
     def predict_logits(self, images: np.ndarray, timeout: float = 120.0) -> np.ndarray:
         """Private logits for a batch of images of shape (n, 28, 28, 1) with values in [0, 1]."""
-        share0, share1 = self.share(validate_images(images))
-        deadline = time.monotonic() + timeout
-        try:
-            output0, output1 = self._ask(share0, share1, deadline, timeout)
-        except tf.errors.OpError as error:
-            self._abandon_queues()
-            raise self.servers.explain(error) from None
-        except BaseException:
-            self._abandon_queues()
-            raise
-        # .numpy() copies each share to this device; they are added up only here.
-        output0, output1 = output0.numpy(), output1.numpy()
-        if output0.ndim == 1:
-            raise RequestRefusedError("The serving side refused this request: the shares it found in "
-                                      "this client's queues were not a batch of images.")
-        return self.reconstruct(output0, output1)
-
-    def _ask(self, share0, share1, deadline: float, timeout: float):
-        """Send the shares and the request to the side that serves now; wait for the answer's shares.
-
-        The serving side found before is asked again without looking it up; if it has
-        stopped, its request queue is closed and the call fails at once: then look again.
-        """
-        if self._requests is None:
-            self._serving_side(deadline)
-        try:
-            return self._ask_once(share0, share1, deadline, timeout)
-        except tf.errors.OpError:
-            self.servers.check()
-            self._abandon_queues()  # the shares may be in them, with no request behind them
-        session = self._session
-        self._serving_side(deadline)  # raises ServingStoppedError if nothing serves now
-        if self._session == session:
-            raise ServingStoppedError(f"The serving side stopped before taking the query. {SERVE_AGAIN}")
-        return self._ask_once(share0, share1, deadline, timeout)
-
-    def _ask_once(self, share0, share1, deadline: float, timeout: float):
-        if self.queues is None:
-            self.queues = self._quick(ClientQueues, self.protocol)
-        call = BackgroundCall(self.queues.ask, self._requests, share0, share1, name="waiting for an answer")
-        return wait_for(call, max(0.0, deadline - time.monotonic()),
-                        f"No answer from the served model within {timeout:.0f} s. Is "
-                        "notebook 02 serving requests (its serve cell)?",
-                        watches=[self.servers.check, self.check_serving])
-
-    def _abandon_queues(self) -> None:
-        """Leave this client's queues after a failed query, without a call that could fail anew.
-
-        Their late answer must never be taken for the next query's, so the next query uses
-        fresh queues. Closing them ends a dequeue still waiting there, if the server is up.
-        The serving side may have changed too (it stopped, or another one took over).
-        """
-        queues, self.queues = self.queues, None
-        self._requests = None  # and the next query asks the lease who serves now
-        if queues is not None:
+        images = validate_images(images, self.card.image_shape, self.card.max_batch)
+        shares = self.share(images)
+        deadline, waiting_said = time.monotonic() + timeout, False
+        while True:
             try:
-                bounded(queues.close_outputs, timeout=1.0, message="")
-            except Exception:  # noqa: BLE001  (the query's own error is the one to show)
-                pass
-
-    def close(self) -> None:
-        """Delete this client's queues from the servers (if they are still up)."""
-        if self.queues is not None:
-            for queue in self.queues.all():
-                try:
-                    bounded(queue.delete, timeout=1.0, message="")
-                except Exception:  # noqa: BLE001
-                    pass
+                answer0, answer1 = self._ask(shares, deadline)
+                self._served = True
+                return self.reconstruct(answer0, answer1).reshape(len(images), -1)
+            except ServingStoppedError:
+                # Nobody served this client yet (02 still starting): wait for it, within this query's
+                # time. Once served, a stop is told at once: nobody waits two minutes to learn it.
+                if self._served or time.monotonic() > deadline:
+                    raise
+                if not waiting_said:
+                    self.say(f"Waiting up to {max(0, deadline - time.monotonic()):.0f} s for the model to be "
+                             "served (the serve cell of notebook 02)...")
+                    waiting_said = True
+                time.sleep(0.2)
 
     def predict(self, images: np.ndarray, timeout: float = 120.0) -> np.ndarray:
         """Private class probabilities: the softmax is applied here, on the client."""
         return softmax(self.predict_logits(images, timeout))
+
+    def _metadata(self, batch: int):
+        return (("token", self.card.token), ("client", self._client_id), ("batch", str(batch)))
+
+    def _ask(self, shares, deadline: float):
+        """Send share i to server i's door, both at once; return the two shares of the answer."""
+        batch = len(shares[0])
+        bodies = [share.astype(WORD).tobytes() for share in shares]
+        calls = {server: self._stubs[server][ASK].future(body, metadata=self._metadata(batch),
+                                                           timeout=max(0.1, deadline - time.monotonic()))
+                 for server, body in zip(DOORS, bodies)}
+        try:
+            answers = self._collect(calls, deadline)
+        except BaseException:
+            self._client_id = new_client_id()  # the servers may still answer the abandoned query
+            raise
+        self.bytes_sent += sum(map(len, bodies))
+        self.bytes_received += sum(map(len, answers.values()))
+        return [np.frombuffer(answers[server], dtype=WORD).astype(np.int64) for server in DOORS]
+
+    def _collect(self, calls, deadline: float):
+        """Wait for every call, a little at a time so that an interrupt is never held up.
+
+        If one fails, the others get a second to finish, and the gravest failure is raised, in
+        words: a door that cannot be reached says more than its twin's "nobody serves".
+        """
+        results = {}
+        try:
+            while len(results) < len(calls):
+                for server, call in calls.items():
+                    if server in results:
+                        continue
+                    try:
+                        results[server] = call.result(timeout=0.05)
+                    except grpc.FutureTimeoutError:
+                        if time.monotonic() > deadline + 1:
+                            raise TimeoutError(f"No answer from {server}'s door in time.") from None
+                    except grpc.RpcError:
+                        raise self._gravest(calls) from None
+        finally:
+            for call in calls.values():
+                call.cancel()
+        return results
+
+    def _gravest(self, calls) -> Exception:
+        errors = []
+        for server, call in calls.items():
+            try:
+                call.result(timeout=1.0)
+            except grpc.RpcError as error:
+                errors.append(self._explain(server, error))
+            except grpc.FutureTimeoutError:
+                pass
+        order = (DoorError, NotAdmittedError, RequestRefusedError, TimeoutError, ServingStoppedError)
+        return min(errors, key=lambda error: next(i for i, kind in enumerate(order + (Exception,))
+                                                  if isinstance(error, kind)))
+
+    def _explain(self, server: str, error: grpc.RpcError) -> Exception:
+        code, details = error.code(), error.details() or ""
+        address = self.card.doors[server]["address"]
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED):
+            return NotAdmittedError(f"{server}'s door refused: {details}")
+        if code == grpc.StatusCode.FAILED_PRECONDITION and details.startswith(NOT_SERVING):
+            return ServingStoppedError(details[len(NOT_SERVING):])
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+            return RequestRefusedError(f"{server}'s door refused this request: {details}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return TimeoutError(f"No answer from the served model in time (through {server}'s door, {address}). "
+                                "Is notebook 02 serving (its serve cell)?")
+        if any(word in details.lower() for word in ("ssl", "handshake", "certificate", "tls")):
+            return DoorError(f"{server}'s door at {address} did not show the certificate in your card: it may be "
+                             "someone else's service, or the servers were restarted since your card was made. "
+                             "Get a new card.")
+        return DoorError(f"{server}'s door ({address}) is not answering ({details or code.name}). Check that "
+                         "the servers run (notebook 02) and that this device reaches that address.")
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()

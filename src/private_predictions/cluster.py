@@ -15,8 +15,9 @@ from typing import Dict, Optional, Sequence
 import psutil
 
 from .commands import server as server_command
+from .admission import DEFAULT_PER_MINUTE, revoke, write_card
 from .config import SERVER_NAMES, ClusterConfig
-from .paths import CLUSTER_CONFIG_PATH, shown
+from .paths import CARD_PATH, CLUSTER_CONFIG_PATH, shown
 from .ports import describe_port_holder, free_ports, listens_on, port_is_open, who_listens_on
 from .waiting import SLICE, wait_until
 from .watch import first_dead_server
@@ -168,23 +169,27 @@ class LocalCluster:
         self.config_path = Path(config_path)
         self.processes: Dict[str, subprocess.Popen] = {}
         self._logs: Dict[str, Path] = {}
-        self._log_dir: Optional[Path] = None  # the servers' logs and their copy of the cluster file
+        self._log_dir: Optional[Path] = None  # the servers' logs, their copy of the cluster file, admissions
+        self._cards = []  # written by admit, deleted by stop
 
     @classmethod
     def start(cls, base_port: Optional[int] = None, config_path: Path = CLUSTER_CONFIG_PATH,
-              timeout: float = 60.0) -> "LocalCluster":
+              timeout: float = 60.0, door_host: str = "127.0.0.1") -> "LocalCluster":
         """Start server0, server1 and server2 on this machine and write ``config_path`` naming them.
 
-        Without ``base_port`` the ports are chosen among those free (the client finds them
-        in ``config_path``), so two checkouts on one machine never meet; with it, exactly
-        ``base_port``, ``base_port + 1`` and ``base_port + 2``. Returns only once each port
-        is held by the server this call started; otherwise stops what it started and
-        raises ClusterError naming the port and who holds it.
+        The servers' runtime listens on loopback only; clients reach server0 and server1
+        through their doors (door.py), at ``door_host``: loopback too, unless a teacher's
+        class must reach them (then an address of this machine on the class's network).
+        Without ``base_port`` the five ports are chosen among those free, so two checkouts
+        on one machine never meet; with it, exactly ``base_port`` to ``base_port + 4``
+        (the servers', then the doors'). Returns only once each port is held by the server
+        this call started; otherwise stops what it started and raises ClusterError naming
+        the port and who holds it.
         """
         deadline = time.monotonic() + timeout
         for attempt in range(3):
-            ports = free_ports(3) if base_port is None else [base_port + i for i in range(3)]
-            cluster = cls(ClusterConfig.local(ports), config_path)
+            ports = free_ports(5) if base_port is None else [base_port + i for i in range(5)]
+            cluster = cls(ClusterConfig.local(ports[:3], ports[3:], door_host), config_path)
             try:
                 cluster._launch(deadline)
                 return cluster
@@ -199,6 +204,7 @@ class LocalCluster:
         try:
             keys = [hashlib.sha256(str(self.config_path.resolve()).encode()).hexdigest()[:16]]
             keys += [f"port-{self.config.address(name)[1]}" for name in SERVER_NAMES]
+            keys += [f"port-{self.config.door_address(name)[1]}" for name in self.config.doors]
             for key in sorted(keys):  # one order for all, so two starts never hold one lock each
                 descriptor = _lock(key, deadline, f"The cluster of {self.config_path}" if len(key) == 16
                                    else f"Port {key[5:]}")
@@ -300,12 +306,33 @@ class LocalCluster:
                                          "(LocalCluster.start() without base_port chooses free ones).")
                     raise ClusterError(f"{name} exited with code {process.returncode} while starting:\n"
                                        f"{self._log_tail(name)}")
-                if listens_on(process.pid, port):
+                doors = [self.config.door_address(name)[1]] if name in self.config.doors else []
+                if all(listens_on(process.pid, p) for p in [port] + doors):
                     waiting.remove(name)
             if waiting and time.monotonic() > deadline:
                 raise ClusterError(f"{', '.join(waiting)} did not start listening in time")
             if waiting:
                 time.sleep(SLICE)
+
+    def admit(self, name: str, card_path: Path = CARD_PATH, per_minute: Optional[int] = DEFAULT_PER_MINUTE) -> Path:
+        """Admit a client called ``name``: make its token, and write its card to ``card_path``.
+
+        The card holds the doors' addresses and certificates, the token and the encoding; it is
+        all a client needs. Admitting ``name`` again revokes its earlier token. ``stop`` deletes
+        the cards written here: they open nothing once the servers are gone.
+        """
+        write_card(self.config, self._log_dir, name, card_path, per_minute)
+        self._cards.append(Path(card_path))
+        return Path(card_path)
+
+    @property
+    def folder(self) -> Optional[Path]:
+        """The servers' own folder: their copy of the cluster file, the doors' certificates, the admissions."""
+        return self._log_dir
+
+    def revoke(self, name: str) -> int:
+        """Revoke ``name``'s token: its next query is refused at the doors."""
+        return revoke(self._log_dir, name)
 
     @property
     def pids(self) -> Dict[str, int]:
@@ -327,6 +354,8 @@ class LocalCluster:
                 process.wait(timeout)
         if self._log_dir is not None:  # nothing of this cluster stays in the temporary folder
             shutil.rmtree(self._log_dir, ignore_errors=True)
+        for card in self._cards:
+            card.unlink(missing_ok=True)
         try:
             if ClusterConfig.load(self.config_path) == self.config:  # not another start's file
                 self.config_path.unlink()
@@ -374,6 +403,15 @@ class RemoteCluster:
 
     def alive(self) -> Dict[str, bool]:
         return {name: port_is_open(*self.config.address(name)) for name in SERVER_NAMES}
+
+    def admit(self, name: str, card_path: Path = CARD_PATH, per_minute: Optional[int] = DEFAULT_PER_MINUTE) -> Path:
+        """Admit ``name`` and write its card, from the door certificates beside the cluster file.
+
+        The doors run on other machines: copy the admissions file written here (beside the cluster
+        file) to server0's and server1's, beside theirs.
+        """
+        write_card(self.config, self.config_path.parent, name, card_path, per_minute)
+        return Path(card_path)
 
     def stop(self) -> None:
         """Nothing to stop from here: the servers belong to their machines (stop them there)."""

@@ -10,7 +10,11 @@ REPO_ROOT = Path(
 DATA_DIR = REPO_ROOT / "data"
 MODELS_DIR = REPO_ROOT / "models"
 MODEL_PATH = MODELS_DIR / "short-conv-mnist.h5"
+# What the plaintext model says about the first 100 test images (logits): published by the model
+# owner (notebook 01), so that a client without TensorFlow can check its private predictions.
+CHECK_LOGITS_PATH = MODELS_DIR / "short-conv-mnist.check-logits.npy"
 CLUSTER_CONFIG_PATH = REPO_ROOT / "cluster.json"
+CARD_PATH = REPO_ROOT / "card.json"  # the one-machine client's card, written by notebook 02
 
 
 def shown(path) -> str:

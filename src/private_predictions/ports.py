@@ -57,7 +57,7 @@ def free_ports(count: int) -> List[int]:
             probe.close()
 
 
-def find_free_base_port(count: int = 3) -> int:
+def find_free_base_port(count: int = 5) -> int:
     """A port p such that p .. p+count-1 are all free right now (for tests of fixed port ranges)."""
     for _ in range(100):
         base = free_ports(1)[0]

@@ -125,13 +125,23 @@ def input_queues(protocol, client_id: str):
     return [SharedQueue(d, f"{_prefix(client_id)}/in-{i}") for i, d in enumerate(_devices(protocol))]
 
 
+def output_queue(device: str, index: int, client_id: str) -> SharedQueue:
+    """Where server ``index`` (on ``device``) puts its share of ``client_id``'s answer."""
+    return SharedQueue(device, f"{_prefix(client_id)}/out-{index}")
+
+
+def arrival_queue(device0: str, client_id: str) -> SharedQueue:
+    """On server0: server1's door says here that its share of ``client_id``'s query is in (door.py)."""
+    return SharedQueue(device0, f"{_prefix(client_id)}/arrived")
+
+
 class ClientQueues:
     """One client's queues: input and output shares, on server0 and server1."""
 
     def __init__(self, protocol, client_id: str = None):
         self.client_id = client_id or uuid.uuid4().hex
         self.inputs = input_queues(protocol, self.client_id)
-        self.outputs = [SharedQueue(d, f"{_prefix(self.client_id)}/out-{i}") for i, d in enumerate(_devices(protocol))]
+        self.outputs = [output_queue(d, i, self.client_id) for i, d in enumerate(_devices(protocol))]
 
     def ask(self, requests: SharedQueue, share0, share1):
         """Send the shares and the request; return the two shares of the answer once both are there.
@@ -238,8 +248,8 @@ class ServingLease:
     Ages are measured on server0's clock only, so machines with different clocks agree.
     """
 
-    def __init__(self, protocol):
-        device = protocol.server_0.device_name
+    def __init__(self, device: str):
+        """``device``: server0's, e.g. ``protocol.server_0.device_name``."""
         with tf.device(device):
             self._owner = gen_resource_variable_ops.var_handle_op(
                 dtype=tf.string, shape=[], shared_name=f"{PREFIX}/serving/owner")

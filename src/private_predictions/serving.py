@@ -49,7 +49,7 @@ class SecureModel:
         self.servers = ServerWatch(ClusterConfig(dict(tfe.get_config().hostmap)), RESTART_ADVICE)
         self._answer_functions = {}
         self._clients = OrderedDict()
-        self.lease = self._quick(ServingLease, protocol)
+        self.lease = self._quick(ServingLease, protocol.server_0.device_name)
 
     def _quick(self, function, *args):
         return bounded(function, *args, timeout=QUICK_CALL_SECONDS, watches=[self.servers.check],

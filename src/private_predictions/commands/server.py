@@ -64,6 +64,16 @@ def main(argv=None):
     server = tfe_config(config).start_server(args.name, start=True)
     listen_guard.check_listening(port, address, args.name)
     print(f"{args.name} listening on {config.hosts[args.name]} only", flush=True)
+    if args.name in config.doors:
+        from ..admission import certificate_path
+        from ..door import Door
+
+        try:
+            door = Door(config, args.config, args.name, server.target).start()
+        except OSError as error:
+            sys.exit(str(error))
+        print(f"{args.name}'s door listening on {config.doors[args.name]} (TLS); its certificate is "
+              f"{certificate_path(args.config, args.name)}, SHA-256 {door.fingerprint}", flush=True)
     server.join()
 
 

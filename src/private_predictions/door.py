@@ -1,0 +1,271 @@
+"""A door: the TLS service beside server0 or server1 through which clients reach the served model.
+
+Clients never join the servers' TensorFlow runtime (it listens on loopback or a private
+address only). A client sends each door one share of its batch; the door checks the
+token and the request, puts the share where the serving side computes on it (the
+client's queues on its own server, queues.py), and returns its own server's share of the
+answer. Nothing else passes through: server0's door never sees server1's share, nor the
+other way round, and neither can run anything on the servers.
+
+A query is put to the serving side only once both shares are in: server1's door says so
+in a queue on server0 (``arrival_queue``), and server0's door waits for that before it
+puts in its share and the request. A client that sends one share only costs the doors a
+few seconds of one thread and nothing else; the serving side never sees its request.
+
+The door runs in the server's own process and reaches its server through a TensorFlow
+session on the in-process server (no network). Each client's queues are named by a
+hash of its token and of the id it chose, so no client can address another's.
+"""
+import hashlib
+import re
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import grpc
+import numpy as np
+from tensorflow.python.ops import gen_data_flow_ops as queue_ops
+
+from ._tf import tf
+from .admission import AdmissionError, Gate, admissions_path, certificate_path, digest
+from .certificates import fingerprint, make_certificate
+from .client import ASK, HELLO, NOT_SERVING, SERVICE, WORD
+from .config import ClusterConfig
+from .data import IMAGE_SHAPE, NUM_CLASSES
+from .queues import (MAX_BATCH_SIZE, NOBODY, REQUEST_DTYPES, SERVING_SILENCE, ServingLease, arrival_queue,
+                     input_queues, output_queue, request_queue)
+
+PARTNER_SECONDS = 10.0  # how long server0's door waits for server1's to say the other share is in
+LONGEST_WAIT = 600.0  # for an answer, whatever the client's deadline
+SLICE_MS = 500  # each wait on the servers is cut in slices, to notice a client that gave up
+REMEMBERED = 512  # clients whose queues a door keeps; the oldest idle ones are deleted beyond that
+AT_ONCE_PER_TOKEN = 2  # queries of one token in flight at once: one token never fills the door
+CLIENT_ID = re.compile(r"[0-9a-f]{32}")
+REQUEST_BYTES = MAX_BATCH_SIZE * int(np.prod(IMAGE_SHAPE)) * WORD.itemsize
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", REQUEST_BYTES + 4096),  # larger: refused by gRPC, unread
+    ("grpc.max_send_message_length", MAX_BATCH_SIZE * NUM_CLASSES * WORD.itemsize + 4096),
+    # Clients ping every 2 s while they wait (client.CHANNEL_OPTIONS), to notice a silent door.
+    ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_time_ms", 10000), ("grpc.keepalive_timeout_ms", 5000),  # and drops silent clients
+]
+
+
+class _Refusal(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _run(session, fetches, milliseconds: int, feed=None):
+    return session.run(fetches, feed, options=tf.compat.v1.RunOptions(timeout_in_ms=int(milliseconds)))
+
+
+class _ClientGraph:
+    """The few operations a door runs for one client: its queues on this server (and the arrival note)."""
+
+    def __init__(self, target: str, devices, index: int, queue_id: str):
+        self.graph = tf.Graph()
+        own = devices[index]
+        with self.graph.as_default():
+            self.share = tf.compat.v1.placeholder(tf.int64, (None,) + IMAGE_SHAPE)
+            self.batch = tf.compat.v1.placeholder(tf.int64, ())
+            inputs = input_queues(SimpleNamespace(server_0=SimpleNamespace(device_name=devices[0]),
+                                                  server_1=SimpleNamespace(device_name=devices[1])), queue_id)
+            arrived = arrival_queue(devices[0], queue_id).handle
+            outputs = output_queue(own, index, queue_id).handle
+            with tf.device(own):
+                put = queue_ops.queue_enqueue_v2(inputs[index].handle, [self.share])
+                self.take_answer = queue_ops.queue_dequeue_v2(outputs, [tf.int64])[0]
+                self.close = queue_ops.queue_close_v2(outputs, cancel_pending_enqueues=True)
+                self.delete = [tf.raw_ops.DestroyResourceOp(resource=handle, ignore_lookup_error=True)
+                               for handle in (inputs[index].handle, outputs)]
+            with tf.device(devices[0]):
+                if index == 1:
+                    with tf.control_dependencies([put]):  # the note goes after the share
+                        put = queue_ops.queue_enqueue_v2(arrived, [self.batch])
+                else:
+                    self.take_arrival = queue_ops.queue_dequeue_v2(arrived, [tf.int64])[0]
+                    self.delete.append(tf.raw_ops.DestroyResourceOp(resource=arrived, ignore_lookup_error=True))
+            self.put = put
+        self.session = tf.compat.v1.Session(target, graph=self.graph)
+        self.busy = False
+
+
+class Door:
+    """server0's or server1's door (``index`` 0 or 1), in the process of that server."""
+
+    def __init__(self, config: ClusterConfig, config_path, server: str, target: str):
+        self.config, self.server = config, server
+        self.index = int(server[-1])
+        self.devices = [f"/job:tfe/replica:0/task:{i}/device:CPU:0" for i in (0, 1)]
+        self.target = target
+        self.gate = Gate(admissions_path(config_path))
+        self._lock = threading.Lock()
+        self._clients = OrderedDict()
+        self._in_flight = {}  # token digest -> queries now
+        self._requests = {}  # serving session -> (session, placeholders, enqueue)
+        self._lease_session, self._lease = self._lease_graph()
+        key, self.certificate = make_certificate(server)
+        host, port = config.door_address(server)
+        self.grpc = grpc.server(ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"{server}-door"),
+                                options=SERVER_OPTIONS, maximum_concurrent_rpcs=256)
+        self.grpc.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {
+            ASK.rsplit("/", 1)[1]: grpc.unary_unary_rpc_method_handler(self._ask),
+            HELLO.rsplit("/", 1)[1]: grpc.unary_unary_rpc_method_handler(self._hello)})])
+        if self.grpc.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, self.certificate)])) == 0:
+            raise OSError(f"{server}'s door cannot listen on {host}:{port}: is that port taken, or not an "
+                          "address of this machine?")
+        path = certificate_path(config_path, server)
+        path.write_bytes(self.certificate)
+        self.fingerprint = fingerprint(self.certificate)
+
+    def start(self) -> "Door":
+        self.grpc.start()
+        return self
+
+    def stop(self) -> None:
+        self.grpc.stop(grace=1).wait(2)
+
+    # -- the servers' side -------------------------------------------------------------------------
+
+    def _lease_graph(self):
+        graph = tf.Graph()
+        with graph.as_default(), tf.device(self.devices[0]):
+            lease = ServingLease(self.devices[0])._current()
+        return tf.compat.v1.Session(self.target, graph=graph), lease
+
+    def _serving(self) -> str:
+        """The serving side's session, or refuse: nobody serves the model now."""
+        owner, age = _run(self._lease_session, self._lease, 5000)
+        owner = owner.decode()
+        if owner == NOBODY or age > SERVING_SILENCE:
+            raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                           NOT_SERVING + "nobody serves the model now. The model owner must serve it (the serve "
+                           "cell of notebook 02, or the teach command); then ask again.")
+        return owner
+
+    def _request_graph(self, owner: str):
+        if owner not in self._requests:
+            graph = tf.Graph()
+            with graph.as_default():
+                client_id = tf.compat.v1.placeholder(tf.string, ())
+                batch = tf.compat.v1.placeholder(tf.int64, ())
+                with tf.device(self.devices[0]):
+                    put = queue_ops.queue_enqueue_v2(request_queue(SimpleNamespace(server_0=SimpleNamespace(
+                        device_name=self.devices[0])), owner).handle, [client_id, batch])
+            self._requests = {owner: (tf.compat.v1.Session(self.target, graph=graph), client_id, batch, put)}
+        return self._requests[owner]
+
+    def _client(self, queue_id: str) -> _ClientGraph:
+        with self._lock:
+            client = self._clients.get(queue_id)
+            if client is None:
+                client = self._clients[queue_id] = _ClientGraph(self.target, self.devices, self.index, queue_id)
+                for old_id in [key for key, old in self._clients.items() if not old.busy][:-REMEMBERED] \
+                        if len(self._clients) > REMEMBERED else []:
+                    self._forget(self._clients.pop(old_id))
+            self._clients.move_to_end(queue_id)
+            if client.busy:
+                raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                               "this client's previous query is still waiting for its answer: one at a time")
+            client.busy = True
+            return client
+
+    @staticmethod
+    def _forget(client: _ClientGraph) -> None:
+        try:
+            _run(client.session, client.delete, 2000)
+        except tf.errors.OpError:
+            pass
+        client.session.close()
+
+    # -- the clients' side -------------------------------------------------------------------------
+
+    def _check(self, context, count_images: bool):
+        """(token digest, queue id, batch) of a well-formed, admitted request; else refuse."""
+        metadata = dict(context.invocation_metadata())
+        token, client_id, batch = metadata.get("token", ""), metadata.get("client", ""), metadata.get("batch", "")
+        if not batch.isdigit() or not (count_images is False or 1 <= int(batch) <= MAX_BATCH_SIZE):
+            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"the batch size must be 1 to {MAX_BATCH_SIZE}")
+        if not CLIENT_ID.fullmatch(client_id):
+            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the client id must be 32 hexadecimal digits")
+        try:
+            self.gate.admit(token, int(batch) if count_images else 0)
+        except AdmissionError as error:
+            raise _Refusal(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
+        key = digest(token)
+        queue_id = hashlib.sha256(f"{key}:{client_id}".encode()).hexdigest()[:32]
+        return key, queue_id, int(batch)
+
+    def _hello(self, request: bytes, context) -> bytes:
+        try:
+            self._check(context, count_images=False)
+        except _Refusal as refusal:
+            context.abort(refusal.code, str(refusal))
+        return b""
+
+    def _ask(self, request: bytes, context) -> bytes:
+        client = key = None
+        try:
+            key, queue_id, batch = self._check(context, count_images=True)
+            if len(request) != batch * int(np.prod(IMAGE_SHAPE)) * WORD.itemsize:
+                raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"the share is not a batch of {batch} images of shape {IMAGE_SHAPE} in 64-bit words")
+            with self._lock:
+                if self._in_flight.get(key, 0) >= AT_ONCE_PER_TOKEN:
+                    key = None
+                    raise _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"this token has {AT_ONCE_PER_TOKEN} queries waiting already; wait for them")
+                self._in_flight[key] = self._in_flight.get(key, 0) + 1
+            share = np.frombuffer(request, dtype=WORD).reshape((batch,) + IMAGE_SHAPE)
+            client = self._client(queue_id)
+            owner = self._serving()
+            if self.index == 0:
+                self._wait(client, client.take_arrival, context, owner, PARTNER_SECONDS,
+                           "server1's door did not receive the other share within "
+                           f"{PARTNER_SECONDS:.0f} s; send one share to each door")
+                _run(client.session, client.put, 5000, {client.share: share})
+                session, client_id, batch_size, put = self._request_graph(owner)
+                try:
+                    _run(session, put, 5000, {client_id: queue_id, batch_size: batch})
+                except tf.errors.OpError:
+                    raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                                   NOT_SERVING + "the serving side stopped. Ask again once it serves.") from None
+            else:
+                _run(client.session, client.put, 5000, {client.share: share, client.batch: batch})
+            answer = self._wait(client, client.take_answer, context, owner, LONGEST_WAIT, "no answer in time")
+            if answer.ndim != 2:  # an empty vector: the serving side refused the request
+                raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"the serving side refused it: the two shares are not a batch of {batch} images")
+            return answer.astype(WORD).tobytes()
+        except _Refusal as refusal:
+            context.abort(refusal.code, str(refusal))
+        except tf.errors.OpError as error:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"the servers failed: {error.message.splitlines()[0][:200]}")
+        finally:
+            if client is not None:
+                client.busy = False
+            if key is not None:
+                with self._lock:
+                    self._in_flight[key] -= 1
+
+    def _wait(self, client: _ClientGraph, fetch, context, owner: str, seconds: float, late: str):
+        """Run ``fetch`` (a dequeue) until it returns, a slice at a time; refuse if the client left,
+        serving stopped, or ``seconds`` passed."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                return _run(client.session, fetch, SLICE_MS)
+            except tf.errors.DeadlineExceededError:
+                pass
+            if not context.is_active():
+                raise _Refusal(grpc.StatusCode.CANCELLED, "the client left")
+            if self._serving() != owner:
+                raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                               NOT_SERVING + "the serving side stopped before answering. Ask again once it serves.")
+            if time.monotonic() > deadline:
+                raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION, late)
