@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from tensorflow.python.ops import gen_data_flow_ops
 
-from private_predictions import LocalCluster, PrivateClient
+from private_predictions import LocalCluster, RuntimeClient
 from private_predictions.ports import find_free_base_port
 from private_predictions.tooling import start_serving_process
 
@@ -14,6 +14,7 @@ from private_predictions.tooling import start_serving_process
 def cluster(tmp_path_factory):
     config_path = tmp_path_factory.mktemp("cluster") / "cluster.json"
     with LocalCluster.start(base_port=find_free_base_port(), config_path=config_path) as running:
+        running.card = running.admit("tests", config_path.parent / "card.json", per_minute=None)
         yield running
 
 
@@ -40,7 +41,8 @@ def own_deployment(tmp_path):
     deployment.cluster = LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "c.json")
     try:
         deployment.serving = start_serving_process(deployment.cluster.config_path)
-        deployment.client = PrivateClient.connect(deployment.cluster.config_path, timeout=30)
+        deployment.client = RuntimeClient.connect(deployment.cluster.config_path, timeout=30)
+        deployment.card = deployment.cluster.admit("tests", tmp_path / "card.json", per_minute=None)
         yield deployment
     finally:
         if deployment.serving is not None:
@@ -52,7 +54,7 @@ def own_deployment(tmp_path):
 def client(serving, cluster):
     # Connecting again for every test costs milliseconds, and keeps this process's
     # connection right even after a test has connected it to a cluster of its own.
-    return PrivateClient.connect(cluster.config_path, timeout=30)
+    return RuntimeClient.connect(cluster.config_path, timeout=30)
 
 
 def send_by_hand(client, share0=None, share1=None, announced: int = 1, client_id=None):
@@ -105,10 +107,11 @@ def network():
 def servers_on_hosts(network, tmp_path):
     """The three servers, each on its host; yields the cluster file naming them."""
     from private_predictions.cluster import start_server
-    from private_predictions.config import SERVER_NAMES, ClusterConfig
+    from private_predictions.config import DOOR_SERVERS, SERVER_NAMES, ClusterConfig
 
     config_path = tmp_path / "cluster.json"
-    ClusterConfig({name: f"{network.addresses[name]}:{PORT}" for name in SERVER_NAMES}).save(config_path)
+    ClusterConfig({name: f"{network.addresses[name]}:{PORT}" for name in SERVER_NAMES},
+                  {name: f"{network.addresses[name]}:{PORT + 1}" for name in DOOR_SERVERS}).save(config_path)
     processes = []
     with open(tmp_path / "servers.log", "wb") as log:
         try:

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from private_predictions import LocalCluster, PrivateClient, connect, load_logits_model, load_mnist, share_model
+from private_predictions import LocalCluster, RuntimeClient, connect, load_logits_model, load_mnist, share_model
 from private_predictions.client import ServingStoppedError
 from private_predictions.ports import find_free_base_port
 from private_predictions.watch import ServerUnreachableError
@@ -18,10 +18,12 @@ from conftest import send_by_hand
 CLIENTS, QUERIES = 4, 25
 
 
-def test_concurrent_clients_each_get_exactly_their_own_predictions(cluster, serving):
+def test_concurrent_clients_each_get_exactly_their_own_predictions(cluster, serving, tmp_path):
+    cards = [cluster.admit(f"client-{number}", tmp_path / f"card-{number}.json", per_minute=None)
+             for number in range(CLIENTS)]
     clients = [
         subprocess.Popen(
-            [sys.executable, "-m", "private_predictions.commands.predict", str(cluster.config_path),
+            [sys.executable, "-m", "private_predictions.commands.predict", str(cards[number]),
              "--first", str(1000 + 100 * number), "--count", str(QUERIES), "--timeout", "60"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for number in range(CLIENTS)
@@ -84,7 +86,7 @@ def test_a_killed_server_stops_client_and_serving_side_clearly_and_a_restart_ser
                                                 config_path=cluster.config_path)
     assert not any(cluster.alive().values())
     own_deployment.serving = start_serving_process(cluster.config_path)
-    client = PrivateClient.connect(cluster.config_path, timeout=30)
+    client = RuntimeClient.connect(cluster.config_path, timeout=30)
     again = client.predict_logits(test_images[1:2], timeout=60)
     assert again.argmax() == load_logits_model()(test_images[1:2]).numpy().argmax()
 
@@ -109,7 +111,7 @@ def test_a_client_waiting_after_serving_has_ended_is_told_so(tmp_path, test_imag
     # As in the notebooks: the model owner's kernel stays up after serve() has returned.
     with LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "c.json") as cluster:
         secure_model = share_model(load_logits_model(), connect(cluster.config))
-        client = PrivateClient(secure_model.protocol, cluster.config)
+        client = RuntimeClient(secure_model.protocol, cluster.config)
         serving = threading.Thread(target=secure_model.serve, args=(1,), kwargs={"report": None})
         serving.start()
         client.predict_logits(test_images[:1], timeout=60)

@@ -121,12 +121,14 @@ def test_every_process_of_a_serving_cluster_listens_on_loopback_only(cluster, se
 # The learner: a cluster, its serving process and a client querying in a loop, until stdin closes.
 LEARNER = """
 import json, sys, threading
+from pathlib import Path
 from private_predictions import LocalCluster, PrivateClient, load_mnist
 from private_predictions.tooling import start_serving_process
 (_, _), (x_test, _) = load_mnist()
 cluster = LocalCluster.start(config_path=sys.argv[1])
 serving = start_serving_process(cluster.config_path)
-client = PrivateClient.connect(cluster.config_path, timeout=60, say=lambda line: None)
+card = cluster.admit("learner", Path(sys.argv[1]).parent / "card.json")
+client = PrivateClient.connect(card, timeout=60, say=lambda line: None)
 client.predict_logits(x_test[:1])
 stop = threading.Event()
 answered = []
@@ -194,8 +196,10 @@ def test_a_stranger_on_the_same_network_reaches_no_port_of_a_learners_series(tmp
         ports = sorted({port for _, port in sockets})
         server0 = [port for (pid, port) in sockets if pid == started["servers"]["server0"]]
         assert server0, sockets
-        # Three servers, the serving process and the client: five TensorFlow servers, all on loopback.
-        assert len({pid for pid, _ in sockets} & set(family(learner.pid))) == 5, sockets
+        # Three servers (two with their doors) and the serving process listen, all on loopback; the
+        # client, which goes through the doors, listens nowhere.
+        assert len({pid for pid, _ in sockets} & set(family(learner.pid))) == 4, sockets
+        assert len(sockets) == 6, sockets
         assert set(sockets.values()) <= LOOPBACK, sockets
 
         address = network.addresses["learner"]

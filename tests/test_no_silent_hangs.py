@@ -11,9 +11,9 @@ import psutil
 import pytest
 
 from conftest import send_by_hand, stop
-from private_predictions import (PrivateClient, RequestRefusedError, ServingConflictError,
+from private_predictions import (RuntimeClient, RequestRefusedError, ServingConflictError,
                                  ServingStoppedError, connect, load_logits_model, load_mnist, share_model)
-from private_predictions import client as client_module
+from private_predictions import runtime_client as client_module
 from private_predictions.commands import server as server_command
 from private_predictions.ports import find_free_base_port, listens_on
 from private_predictions.queues import MAX_BATCH_SIZE, someone_serves
@@ -73,7 +73,7 @@ def servers_of(tmp_path):
 def assert_serves(config_path, images, plaintext):
     serving = start_serving_process(config_path)
     try:
-        client = PrivateClient.connect(config_path, timeout=30)
+        client = RuntimeClient.connect(config_path, timeout=30)
         logits = client.predict_logits(images, timeout=60)
         assert np.abs(logits - plaintext(images).numpy()).max() < 0.02
     finally:
@@ -131,25 +131,30 @@ def test_a_second_serving_side_is_refused_and_the_first_keeps_answering(cluster,
         second.serve(1, timeout=30, report=None)
     assert time.monotonic() - start < 5
     second.close()
-    client = PrivateClient.connect(cluster.config_path, timeout=30)
+    client = RuntimeClient.connect(cluster.config_path, timeout=30)
     assert client.predict_logits(test_images[3:4]).argmax() == plaintext(test_images[3:4]).numpy().argmax()
 
 
 # A process that waits in one call until interrupted, then shows it can go on.
 INTERRUPTED = """
 import sys, time
-from private_predictions import LocalCluster, PrivateClient, connect, load_logits_model, load_mnist, share_model
+from private_predictions import LocalCluster, RuntimeClient, connect, load_logits_model, load_mnist, share_model
+from pathlib import Path
+from private_predictions.client import PrivateClient
 what, config_path = sys.argv[1], sys.argv[2]
+card = Path(config_path).parent / "card.json"
 (_, _), (x_test, _) = load_mnist()
-if what == "predict":
-    client = PrivateClient.connect(config_path, timeout=30, say=lambda line: None)  # this stdout is for the test
+if what == "predict":  # notebook 03's client, through the doors
+    client = PrivateClient.connect(card, timeout=30, say=lambda line: None)  # this stdout is for the test
     call = lambda: client.predict_logits(x_test[:1], timeout=60)
 elif what == "serve":
     from private_predictions.config import ClusterConfig
     model = share_model(load_logits_model(), connect(ClusterConfig.load(config_path)))
     call = lambda: model.serve(1, timeout=60, report=None)
-elif what == "connect":
-    call = lambda: PrivateClient.connect(config_path, timeout=60, say=lambda line: None)
+elif what == "connect":  # waits for servers that never come
+    call = lambda: RuntimeClient.connect(config_path, timeout=60, say=lambda line: None)
+elif what == "card":  # waits for a card that never comes
+    call = lambda: PrivateClient.connect(card, timeout=60, say=lambda line: None)
 else:
     call = lambda: LocalCluster.start(config_path=config_path)
 print("waiting", flush=True)
@@ -220,7 +225,7 @@ def test_interrupting_a_waiting_serve_returns_at_once_and_serving_again_answers(
         stop(process)
 
 
-@pytest.mark.parametrize("what", ["connect", "start"])
+@pytest.mark.parametrize("what", ["connect", "card", "start"])
 def test_interrupting_a_connect_or_a_start_returns_at_once_and_leaves_no_server(tmp_path, what):
     # connect waits for servers that never come; start is interrupted while its servers boot.
     process = interrupt(what, tmp_path / "cluster.json", tmp_path)
@@ -258,7 +263,7 @@ def test_a_malformed_request_is_refused_and_serving_goes_on(client, shape0, shap
 def test_the_client_says_when_its_request_was_refused(client, test_images, monkeypatch):
     client.predict_logits(test_images[:1])
     # A client that skips its own checks sends more images than the servers serve.
-    monkeypatch.setattr(client_module, "validate_images", lambda images: images)
+    monkeypatch.setattr(client_module, "validate_images", lambda images, *limits: images)
     with pytest.raises(RequestRefusedError, match="refused"):
         client.predict_logits(np.zeros((MAX_BATCH_SIZE + 1, *IMAGE)), timeout=30)
     monkeypatch.undo()
@@ -269,10 +274,10 @@ def test_the_client_says_when_its_request_was_refused(client, test_images, monke
 FLOODER = """
 import sys, threading, uuid
 from tensorflow.python.ops import gen_data_flow_ops
-from private_predictions import PrivateClient
+from private_predictions import RuntimeClient
 from private_predictions.queues import request_queue
 from private_predictions._tf import tf
-client = PrivateClient.connect(sys.argv[1], timeout=30, say=lambda line: None)
+client = RuntimeClient.connect(sys.argv[1], timeout=30, say=lambda line: None)
 requests = request_queue(client.protocol, client.lease.read()[0])
 enqueue = tf.function(lambda queue, client_id: (
     gen_data_flow_ops.queue_enqueue_v2(queue, [client_id, tf.constant(1, tf.int64)]),
@@ -331,6 +336,6 @@ def test_a_client_started_before_the_servers_says_what_it_waits_for_at_once(tmp_
     said = []
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="notebook 02"):
-        PrivateClient.connect(tmp_path / "cluster.json", timeout=2, say=said.append)
+        RuntimeClient.connect(tmp_path / "cluster.json", timeout=2, say=said.append)
     assert len(said) == 1 and "Waiting up to 2 s" in said[0] and "cluster.json" in said[0]
     assert time.monotonic() - start < 5

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 
-from private_predictions import LocalCluster, PrivateClient, connect, load_logits_model, load_mnist, share_model
+from private_predictions import LocalCluster, RuntimeClient, connect, load_logits_model, load_mnist, share_model
 from private_predictions._tf import tf
 
 # Where a value is rebuilt from its two shares after fresh randomness was added to it (masking.py): the
@@ -35,7 +35,7 @@ def test_the_serving_side_reveals_only_masked_values(tmp_path, monkeypatch):
     with LocalCluster.start(config_path=tmp_path / "c.json") as cluster:
         secure_model = share_model(load_logits_model(), connect(cluster.config))
         try:
-            client = PrivateClient(secure_model.protocol, cluster.config, say=lambda line: None)
+            client = RuntimeClient(secure_model.protocol, cluster.config, say=lambda line: None)
             serving = threading.Thread(target=secure_model.serve, args=(1,), kwargs={"report": None})
             serving.start()
             logits = client.predict_logits(x_test[:1], timeout=60)

@@ -22,9 +22,9 @@ NOTICED_WITHIN = 15.0
 # A client on its own host: one query per line read from stdin ("BATCH"), one JSON line per answer.
 CLIENT = """
 import json, sys, time
-from private_predictions import PrivateClient, load_mnist
+from private_predictions import RuntimeClient, load_mnist
 (_, _), (x_test, _) = load_mnist()
-client = PrivateClient.connect(sys.argv[1], timeout=60, say=lambda line: None)
+client = RuntimeClient.connect(sys.argv[1], timeout=60, say=lambda line: None)
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     batch = int(line)

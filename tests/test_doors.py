@@ -1,0 +1,337 @@
+"""The doors: clients reach the served model through server0's and server1's TLS doors only.
+
+What a door lets through is one share of one admitted client's batch, and that client's
+share of the answer; everything else (no token, a revoked one, another certificate,
+malformed or oversized requests, one share alone, a slow sender, another client's id) is
+refused at the door, without holding up anybody else.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import grpc
+import numpy as np
+import pytest
+
+from private_predictions.certificates import make_certificate
+from private_predictions.client import (ASK, CHANNEL_OPTIONS, DOORS, Card, DoorError, NotAdmittedError,
+                                        PrivateClient, door_name, new_client_id)
+from private_predictions.data import load_mnist
+from private_predictions.paths import CHECK_LOGITS_PATH
+from private_predictions.ports import find_free_base_port
+from private_predictions.tooling import start_serving_process
+from private_predictions import LocalCluster
+from conftest import stop
+
+CHECK = np.load(CHECK_LOGITS_PATH)  # the plaintext model's logits of the first 100 test images
+TOLERANCE = 0.02  # fixed-point rounding; another image's logits differ by far more
+
+
+@pytest.fixture(scope="module")
+def x_test():
+    (_, _), (images, _) = load_mnist()
+    return images
+
+
+def card_for(cluster, tmp_path, name, per_minute=None) -> Card:
+    return Card.load(cluster.admit(name, tmp_path / f"{name}.json", per_minute))
+
+
+def raw_call(card: Card, server: str, body: bytes, metadata, timeout: float = 30.0):
+    """A request of our own making to ``server``'s door (TLS as the card says)."""
+    credentials = grpc.ssl_channel_credentials(root_certificates=card.doors[server]["certificate"].encode())
+    with grpc.secure_channel(card.doors[server]["address"], credentials,
+                             options=[("grpc.ssl_target_name_override", door_name(server))]) as channel:
+        return channel.unary_unary(ASK)(body, metadata=metadata, timeout=timeout)
+
+
+def refusal(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def error_of(call) -> Exception:
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001  (the test looks at which)
+        return error
+    raise AssertionError("no error")
+
+
+def test_an_admitted_client_gets_the_plaintext_models_answers(cluster, serving, tmp_path, x_test):
+    client = PrivateClient(card_for(cluster, tmp_path, "ana"))
+    logits = client.predict_logits(x_test[:3])
+    assert np.abs(logits - CHECK[:3]).max() < TOLERANCE
+    # What crossed the network from this client: two shares of the images, two of the logits.
+    assert client.bytes_sent == 2 * 3 * 28 * 28 * 8 and client.bytes_received == 2 * 3 * 10 * 8
+
+
+def test_an_unknown_or_revoked_token_is_refused_at_the_door_within_a_second(cluster, serving, tmp_path, x_test):
+    card = card_for(cluster, tmp_path, "bea")
+    client = PrivateClient(card)
+    client.predict_logits(x_test[:1])
+    start = time.monotonic()
+    with pytest.raises(NotAdmittedError, match="not admitted"):
+        PrivateClient(replace(card, token=card.token[::-1])).predict_logits(x_test[:1])
+    assert time.monotonic() - start < 1.0
+    cluster.revoke("bea")
+    start = time.monotonic()
+    with pytest.raises(NotAdmittedError, match="revoked"):
+        client.predict_logits(x_test[:1])
+    assert time.monotonic() - start < 1.0
+
+
+def test_a_door_without_the_cards_certificate_is_refused(cluster, serving, tmp_path, x_test):
+    card = card_for(cluster, tmp_path, "carla")
+    # Another service with a certificate of the same name: a card pins the door's very certificate.
+    forged = dict(card.doors, server0=dict(card.doors["server0"], certificate=make_certificate("server0")[1].decode()))
+    with pytest.raises(DoorError, match="did not show the certificate in your card"):
+        PrivateClient(replace(card, doors=forged)).predict_logits(x_test[:1], timeout=10)
+
+
+def test_a_token_over_its_limit_is_told_when_to_ask_again(cluster, serving, tmp_path, x_test):
+    client = PrivateClient(card_for(cluster, tmp_path, "dario", per_minute=3))
+    client.predict_logits(x_test[:2])
+    client.predict_logits(x_test[2:3])
+    with pytest.raises(NotAdmittedError, match=r"may send 3 images a minute .* try again in \d+ s"):
+        client.predict_logits(x_test[3:4])
+
+
+def test_malformed_and_oversized_requests_are_refused_at_the_door(cluster, serving, tmp_path):
+    card = card_for(cluster, tmp_path, "elena")
+    image = np.zeros((1, 28, 28, 1), "<i8").tobytes()
+    good = (("token", card.token), ("client", new_client_id()), ("batch", "1"))
+    cases = {
+        "no token": ((("client", new_client_id()), ("batch", "1")), image, grpc.StatusCode.PERMISSION_DENIED),
+        "no batch size": (good[:2], image, grpc.StatusCode.INVALID_ARGUMENT),
+        "a batch size out of range": (good[:2] + (("batch", "65"),), image, grpc.StatusCode.INVALID_ARGUMENT),
+        "a client id of another form": ((good[0], ("client", "../x"), good[2]), image, grpc.StatusCode.INVALID_ARGUMENT),
+        "fewer bytes than announced": (good, image[:-8], grpc.StatusCode.INVALID_ARGUMENT),
+        "more bytes than announced": (good, image + image, grpc.StatusCode.INVALID_ARGUMENT),
+        "more than any batch": (good, b"\0" * 5_000_000, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    }
+    for what, (metadata, body, code) in cases.items():
+        start = time.monotonic()
+        error = refusal(lambda: raw_call(card, "server1", body, metadata))
+        assert error.code() == code, (what, error.details())
+        assert time.monotonic() - start < 1.0, what
+
+
+def test_one_share_alone_is_refused_and_holds_up_nobody(cluster, serving, tmp_path, x_test):
+    lone = card_for(cluster, tmp_path, "fede")
+    client = PrivateClient(card_for(cluster, tmp_path, "gala"))
+    client.predict_logits(x_test[:1])
+    metadata = (("token", lone.token), ("client", new_client_id()), ("batch", "1"))
+    caught = []
+    alone = threading.Thread(target=lambda: caught.append(refusal(lambda: raw_call(
+        lone, "server0", np.zeros((1, 28, 28, 1), "<i8").tobytes(), metadata))))
+    alone.start()
+    try:
+        time.sleep(0.5)  # the lone share is waiting for its twin at server0's door
+        start = time.monotonic()
+        logits = client.predict_logits(x_test[4:5])
+        assert time.monotonic() - start < 5.0
+        assert np.abs(logits - CHECK[4:5]).max() < TOLERANCE
+    finally:
+        alone.join(30)
+    assert caught and caught[0].code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "did not receive the other share" in caught[0].details()
+
+
+def test_slow_senders_hold_up_nobody(cluster, serving, tmp_path, x_test):
+    client = PrivateClient(card_for(cluster, tmp_path, "hugo"))
+    client.predict_logits(x_test[:1])
+    host, port = cluster.config.door_address("server0")
+    stalled = []
+    try:
+        for _ in range(100):  # each starts a TLS handshake and never finishes it
+            connection = socket.create_connection((host, port), timeout=5)
+            connection.sendall(b"\x16\x03\x01\x00\xc8\x01")
+            stalled.append(connection)
+        start = time.monotonic()
+        logits = client.predict_logits(x_test[6:7])
+        assert time.monotonic() - start < 5.0
+        assert np.abs(logits - CHECK[6:7]).max() < TOLERANCE
+    finally:
+        for connection in stalled:
+            connection.close()
+
+
+def test_a_client_using_another_clients_id_gets_only_its_own_answers(cluster, serving, tmp_path, x_test):
+    first = PrivateClient(card_for(cluster, tmp_path, "ines"))
+    second = PrivateClient(card_for(cluster, tmp_path, "jorge"))
+    second._client_id = first._client_id  # as if it had learned it: its token leads it to queues of its own
+    answers = {}
+
+    def ask(name, client, images):
+        answers[name] = [client.predict_logits(images[i:i + 1]) for i in range(len(images))]
+    threads = [threading.Thread(target=ask, args=("first", first, x_test[10:20])),
+               threading.Thread(target=ask, args=("second", second, x_test[20:30]))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert np.abs(np.concatenate(answers["first"]) - CHECK[10:20]).max() < TOLERANCE
+    assert np.abs(np.concatenate(answers["second"]) - CHECK[20:30]).max() < TOLERANCE
+
+
+@pytest.mark.parametrize("server", DOORS)
+def test_a_doors_server_killed_is_named_to_the_waiting_client_within_15_s(tmp_path, server, x_test):
+    with LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "cluster.json") as cluster:
+        client = PrivateClient(Card.load(cluster.admit("kim", tmp_path / "card.json")), say=lambda line: None)
+        failed = []
+        # Nobody serves: the client waits for a serving side, asking the doors again and again.
+        waiting = threading.Thread(target=lambda: failed.append(error_of(lambda: client.predict_logits(x_test[:1]))))
+        waiting.start()
+        time.sleep(1)
+        cluster.processes[server].kill()
+        killed = time.monotonic()
+        waiting.join(30)
+        assert failed, "the client was still waiting 30 s after the kill"
+        assert time.monotonic() - killed < 15
+        assert isinstance(failed[0], DoorError) and f"{server}'s door" in str(failed[0]), failed[0]
+
+
+# -- a class on a network of its own ----------------------------------------------------------------
+
+STUDENTS, EACH = 24, 3
+
+
+def test_a_class_of_24_asks_one_served_model_at_once_and_a_stranger_gets_nothing(tmp_path):
+    from netns import NamespacesUnavailable, VirtualNetwork
+    from test_listen_guard import KNOCK, READ_A_FILE, attempt
+
+    try:
+        network = VirtualNetwork.create(("teacher", "class", "stranger"))
+    except NamespacesUnavailable as reason:
+        pytest.skip(f"no network namespaces here: {reason}")
+    base = find_free_base_port()
+    folder = tmp_path / "class"
+    teacher = subprocess.Popen(
+        [*network.launcher("teacher"), sys.executable, "-m", "private_predictions.commands.teach",
+         "--students", str(STUDENTS), "--address", network.addresses["teacher"], "--base-port", str(base),
+         "--folder", str(folder)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        said = []
+        for line in teacher.stdout:
+            said.append(line)
+            if line.startswith("Press Ctrl-C"):
+                break
+        assert len(list(folder.glob("student-*.json"))) == STUDENTS, "".join(said)[-3000:]
+        students = [subprocess.Popen(
+            [*network.launcher("class"), sys.executable, "-m", "private_predictions.commands.predict",
+             str(folder / f"student-{number + 1:02d}.json"), "--first", str(EACH * number), "--count", str(EACH),
+             "--timeout", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for number in range(STUDENTS)]
+        for number, student in enumerate(students):
+            stdout, stderr = student.communicate(timeout=300)
+            assert student.returncode == 0, stderr[-2000:]
+            answers = [json.loads(line) for line in stdout.splitlines()]
+            expected = list(range(EACH * number, EACH * (number + 1)))
+            assert [answer["index"] for answer in answers] == expected  # none lost, none duplicated
+            # none crossed: another image's logits differ by far more than the rounding
+            assert np.abs(np.array([answer["logits"] for answer in answers]) - CHECK[expected]).max() < TOLERANCE
+
+        # A stranger on the same network: the doors are open, the servers' runtime is not.
+        address = network.addresses["teacher"]
+        ports = list(range(base, base + 5))
+        assert json.loads(attempt(network, "stranger", KNOCK, address, json.dumps(ports), seconds=60)) == \
+            [base + 3, base + 4]
+        # Plain TensorFlow, as the runtime's own clients speak, at a door: nothing.
+        assert "read:" not in attempt(network, "stranger", READ_A_FILE, f"{address}:{base + 3}",
+                                      str(folder / "cluster.json"), seconds=20)
+        # A gRPC client with the right certificate but no token: refused.
+        card = Card.load(folder / "student-01.json")
+        no_token = attempt(network, "stranger", NO_TOKEN, json.dumps(card.__dict__), seconds=30)
+        assert no_token.strip() == "PERMISSION_DENIED", no_token
+    finally:
+        teacher.terminate()
+        try:
+            teacher.wait(30)
+        finally:
+            teacher.kill()
+            network.remove()
+
+
+NO_TOKEN = """
+import json, sys
+import grpc
+from private_predictions.client import ASK, door_name
+card = json.loads(sys.argv[1])
+door = card["doors"]["server0"]
+channel = grpc.secure_channel(door["address"], grpc.ssl_channel_credentials(door["certificate"].encode()),
+                              options=[("grpc.ssl_target_name_override", door_name("server0"))])
+try:
+    channel.unary_unary(ASK)(bytes(6272), metadata=(("client", "0" * 32), ("batch", "1")), timeout=10)
+    print("ANSWERED")
+except grpc.RpcError as error:
+    print(error.code().name)
+"""
+
+
+def test_a_waiting_client_names_a_door_whose_cable_was_pulled_within_15_s(tmp_path, x_test):
+    from netns import NamespacesUnavailable, VirtualNetwork
+
+    try:
+        network = VirtualNetwork.create(("teacher", "class"))
+    except NamespacesUnavailable as reason:
+        pytest.skip(f"no network namespaces here: {reason}")
+    cluster = client = None
+    try:
+        cluster = subprocess.Popen([*network.launcher("teacher"), sys.executable, "-c", CLUSTER_ONLY,
+                                    network.addresses["teacher"], str(tmp_path)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert cluster.stdout.readline() == "ready\n"
+        # Nobody serves: the client waits, asking the doors again and again over the same connections.
+        client = subprocess.Popen([*network.launcher("class"), sys.executable, "-c", WAIT_AND_TELL,
+                                   str(tmp_path / "card.json")], stdout=subprocess.PIPE, text=True)
+        assert client.stdout.readline() == "asked\n"
+        time.sleep(2)
+        network.run_in(network.namespace("teacher"), "ip", "link", "set", "eth0", "down")
+        pulled = time.monotonic()
+        told = client.stdout.readline()
+        assert time.monotonic() - pulled < 15, told
+        assert told.startswith("DoorError") and "door" in told and "not answering" in told, told
+    finally:
+        for process in (client, cluster):
+            if process is not None:
+                stop(process)
+        network.remove()
+
+
+CLUSTER_ONLY = """
+import sys
+from pathlib import Path
+from private_predictions import LocalCluster
+with LocalCluster.start(config_path=Path(sys.argv[2]) / "cluster.json", door_host=sys.argv[1]) as cluster:
+    cluster.admit("lia", Path(sys.argv[2]) / "card.json")
+    print("ready", flush=True)
+    sys.stdin.readline()
+"""
+WAIT_AND_TELL = """
+import sys, threading, time
+import numpy as np
+from private_predictions.client import PrivateClient
+client = PrivateClient.connect(sys.argv[1], say=lambda line: None)
+print("asked", flush=True)
+try:
+    client.predict_logits(np.zeros((1, 28, 28, 1)), timeout=60)
+    print("answered", flush=True)
+except Exception as error:
+    print(type(error).__name__, error, flush=True)
+"""
+
+
+def test_the_client_imports_nothing_of_the_servers():
+    # What a student's laptop runs: it must work where TensorFlow cannot be installed (CI also runs
+    # notebook 03 in an environment without it: scripts/setup-client.sh).
+    loaded = subprocess.run([sys.executable, "-c", "import sys, private_predictions.client, private_predictions.data, "
+                             "private_predictions.plots; print(' '.join(sys.modules))"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert not {"tensorflow", "tf_encrypted", "private_predictions._tf"} & set(loaded)
