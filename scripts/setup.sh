@@ -60,5 +60,5 @@ rm -rf .venv
 .venv/bin/python -m pip install --quiet -r requirements.txt
 .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 build_guard
-.venv/bin/python -c "import private_predictions" # fails loudly without secure randomness
+.venv/bin/python -c "import private_predictions._tf" # fails loudly without secure randomness
 echo "$wanted" > "$stamp"

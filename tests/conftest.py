@@ -1,3 +1,7 @@
+import os
+
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # before grpc loads: see private_predictions/client.py
+
 import subprocess
 from types import SimpleNamespace
 

@@ -77,7 +77,7 @@ def test_an_unknown_or_revoked_token_is_refused_at_the_door_within_a_second(clus
     client = PrivateClient(card)
     client.predict_logits(x_test[:1])
     start = time.monotonic()
-    with pytest.raises(NotAdmittedError, match="not admitted"):
+    with pytest.raises(NotAdmittedError, match="does not admit your token"):
         PrivateClient(replace(card, token=card.token[::-1])).predict_logits(x_test[:1])
     assert time.monotonic() - start < 1.0
     cluster.revoke("bea")
@@ -108,7 +108,7 @@ def test_malformed_and_oversized_requests_are_refused_at_the_door(cluster, servi
     image = np.zeros((1, 28, 28, 1), "<i8").tobytes()
     good = (("token", card.token), ("client", new_client_id()), ("batch", "1"))
     cases = {
-        "no token": ((("client", new_client_id()), ("batch", "1")), image, grpc.StatusCode.PERMISSION_DENIED),
+        "no token": ((("client", new_client_id()), ("batch", "1")), image, grpc.StatusCode.UNIMPLEMENTED),
         "no batch size": (good[:2], image, grpc.StatusCode.INVALID_ARGUMENT),
         "a batch size out of range": (good[:2] + (("batch", "65"),), image, grpc.StatusCode.INVALID_ARGUMENT),
         "a client id of another form": ((good[0], ("client", "../x"), good[2]), image, grpc.StatusCode.INVALID_ARGUMENT),
@@ -161,6 +161,77 @@ def test_slow_senders_hold_up_nobody(cluster, serving, tmp_path, x_test):
     finally:
         for connection in stalled:
             connection.close()
+
+
+def test_a_token_has_at_most_two_queries_waiting_even_after_malformed_ones(cluster, serving, tmp_path, x_test):
+    card = card_for(cluster, tmp_path, "ivan")
+    PrivateClient(card).predict_logits(x_test[:1])
+    share = np.zeros((1, 28, 28, 1), "<i8").tobytes()
+    for _ in range(3):  # refused: each must leave the count of waiting queries as it was
+        metadata = (("token", card.token), ("client", new_client_id()), ("batch", "1"))
+        assert refusal(lambda: raw_call(card, "server1", share[:-8], metadata)).code() == \
+            grpc.StatusCode.INVALID_ARGUMENT
+    credentials = grpc.ssl_channel_credentials(root_certificates=card.doors["server1"]["certificate"].encode())
+    with grpc.secure_channel(card.doors["server1"]["address"], credentials,
+                             options=[("grpc.ssl_target_name_override", door_name("server1"))]) as channel:
+        ask = channel.unary_unary(ASK)
+        # Shares sent to server1's door alone wait there for an answer that never comes.
+        waiting = [ask.future(share, metadata=(("token", card.token), ("client", new_client_id()), ("batch", "1")),
+                              timeout=20) for _ in range(2)]
+        time.sleep(1)
+        third = refusal(lambda: ask(share, metadata=(("token", card.token), ("client", new_client_id()),
+                                                     ("batch", "1")), timeout=5))
+        for call in waiting:
+            call.cancel()
+    assert third.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, third.details()
+
+
+def test_strangers_that_never_finish_their_calls_hold_up_nobody(cluster, serving, tmp_path, x_test):
+    client = PrivateClient(card_for(cluster, tmp_path, "karl"))
+    client.predict_logits(x_test[:1])
+    card = client.card
+    never = threading.Event()
+
+    def nothing_yet():  # a request body that never comes
+        never.wait(60)
+        yield b""
+    credentials = grpc.ssl_channel_credentials(root_certificates=card.doors["server0"]["certificate"].encode())
+    with grpc.secure_channel(card.doors["server0"]["address"], credentials,
+                             options=[("grpc.ssl_target_name_override", door_name("server0"))]) as channel:
+        stalled = [channel.stream_unary(ASK).future(nothing_yet(), metadata=(("client", "0" * 32), ("batch", "1")),
+                                                    timeout=60) for _ in range(100)]  # more than the door's threads
+        try:
+            start = time.monotonic()
+            logits = client.predict_logits(x_test[7:8], timeout=30)
+            assert time.monotonic() - start < 5.0
+            assert np.abs(logits - CHECK[7:8]).max() < TOLERANCE
+            assert all(call.exception(5).code() == grpc.StatusCode.UNIMPLEMENTED for call in stalled)
+        finally:
+            never.set()
+            for call in stalled:
+                call.cancel()
+
+
+def test_waiting_for_the_model_to_be_served_costs_no_images_of_the_limit(tmp_path, x_test):
+    with LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "cluster.json") as cluster:
+        client = PrivateClient(Card.load(cluster.admit("luz", tmp_path / "card.json", per_minute=2)),
+                               say=lambda line: None)
+        answers = []
+        # Nobody serves yet: the client asks the doors again every 0.2 s for two images.
+        def ask():
+            try:
+                answers.append(client.predict_logits(x_test[:2], timeout=90))
+            except Exception as error:  # noqa: BLE001  (the test shows which)
+                answers.append(error)
+        asking = threading.Thread(target=ask)
+        asking.start()
+        serving = start_serving_process(cluster.config_path)
+        try:
+            asking.join(90)
+        finally:
+            serving.stop()
+        assert answers and isinstance(answers[0], np.ndarray), answers
+        assert np.abs(answers[0] - CHECK[:2]).max() < TOLERANCE
 
 
 def test_a_client_using_another_clients_id_gets_only_its_own_answers(cluster, serving, tmp_path, x_test):
@@ -249,7 +320,7 @@ def test_a_class_of_24_asks_one_served_model_at_once_and_a_stranger_gets_nothing
         # A gRPC client with the right certificate but no token: refused.
         card = Card.load(folder / "student-01.json")
         no_token = attempt(network, "stranger", NO_TOKEN, json.dumps(card.__dict__), seconds=30)
-        assert no_token.strip() == "PERMISSION_DENIED", no_token
+        assert no_token.strip() == "UNIMPLEMENTED", no_token  # refused before its body is read
     finally:
         teacher.terminate()
         try:

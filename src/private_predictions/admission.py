@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import tempfile
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -82,6 +83,7 @@ class Gate:
         self.admissions = Admissions(path)
         self._seen, self._entries = None, {}
         self._recent: Dict[str, deque] = {}  # token digest -> (time, images) of the last minute
+        self._lock = threading.Lock()  # doors answer many calls at once
 
     def _reload(self) -> None:
         try:
@@ -93,8 +95,19 @@ class Gate:
             self._entries = self.admissions.entries() if seen else {}
             self._seen = seen
 
+    def knows(self, token: str) -> bool:
+        """Whether ``token`` is admitted and not revoked: a quick look, nothing counted."""
+        with self._lock:
+            self._reload()
+            entry = self._entries.get(digest(token))
+        return entry is not None and not entry["revoked"]
+
     def admit(self, token: str, images: int) -> str:
         """The client's name, once ``images`` more are counted against its limit; else AdmissionError."""
+        with self._lock:
+            return self._admit(token, images)
+
+    def _admit(self, token: str, images: int) -> str:
         self._reload()
         key = digest(token)
         entry = self._entries.get(key)
@@ -116,7 +129,8 @@ class Gate:
                     f"{entry['name']!r} may send {limit} images a minute and has sent {used} in the last "
                     f"minute; try again in {wait:.0f} s. (The limit slows down copying the model by "
                     "asking it many questions; the model owner sets it when admitting you.)")
-            recent.append((now, images))
+            if images:
+                recent.append((now, images))
         return entry["name"]
 
 

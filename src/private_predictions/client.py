@@ -16,17 +16,26 @@ certificate each must show (no other is accepted), your token, and how numbers a
 import json
 import os
 import time
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
-import grpc
-import numpy as np
+# grpcio 1.80 to 1.85, once a channel has been used, can crash a child process between its fork and
+# its exec (grpc/grpc#43055): seen here in 5 of 400 subprocess.Popen calls, in 0 of 400 with fork
+# support off. Neither the client nor the doors ever use gRPC in a forked child. Set before grpc loads.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from .paths import CARD_PATH, shown
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .paths import CARD_PATH, shown  # noqa: E402
 
 # What travels through a door: gRPC, one method, raw bytes. The request's body is one share,
 # little-endian 64-bit integers of shape (batch, 28, 28, 1); the answer, one share of the logits.
+# Metadata: the token, the batch size, and a client id (32 hex digits) that names this client's
+# queues on the servers. After any failed query a client must draw a new id: the servers may
+# still hold a share of the failed query under the old one.
 SERVICE = "private_predictions.Door"
 ASK, HELLO = f"/{SERVICE}/Ask", f"/{SERVICE}/Hello"
 WORD = np.dtype("<i8")
@@ -68,7 +77,7 @@ def door_name(server: str) -> str:
 class Card:
     """What a client needs to know: the doors, their certificates, its token, the encoding."""
     name: str
-    token: str
+    token: str = field(repr=False)  # admits whoever holds it: never printed
     doors: Dict[str, Dict[str, str]]  # server -> {"address": "host:port", "certificate": PEM}
     scaling_factor: int
     image_shape: tuple
@@ -85,8 +94,8 @@ class Card:
         """Only its owner may read it: the token in it admits whoever holds it."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
-        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600, new
+        with os.fdopen(handle, "w") as file:
             json.dump(dict(self.__dict__, image_shape=list(self.image_shape)), file, indent=2)
         os.replace(temporary, path)
 
@@ -272,6 +281,10 @@ class PrivateClient:
     def _explain(self, server: str, error: grpc.RpcError) -> Exception:
         code, details = error.code(), error.details() or ""
         address = self.card.doors[server]["address"]
+        if code == grpc.StatusCode.UNIMPLEMENTED:  # what a door answers before it reads a stranger's call
+            return NotAdmittedError(f"{server}'s door does not admit your token: it is unknown there, or "
+                                    "was revoked. Ask the model owner for a new card (on one machine: run "
+                                    "notebook 02's admit cell again).")
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
                     grpc.StatusCode.RESOURCE_EXHAUSTED):
             return NotAdmittedError(f"{server}'s door refused: {details}")

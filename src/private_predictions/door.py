@@ -10,11 +10,17 @@ other way round, and neither can run anything on the servers.
 A query is put to the serving side only once both shares are in: server1's door says so
 in a queue on server0 (``arrival_queue``), and server0's door waits for that before it
 puts in its share and the request. A client that sends one share only costs the doors a
-few seconds of one thread and nothing else; the serving side never sees its request.
+few seconds of one thread at server0's door (a share sent to server1's door alone waits
+there until its client gives up); the serving side never sees its request.
 
-The door runs in the server's own process and reaches its server through a TensorFlow
-session on the in-process server (no network). Each client's queues are named by a
-hash of its token and of the id it chose, so no client can address another's.
+A call with a token that is not admitted (or revoked) is refused before gRPC reads its
+body or gives it a thread (``_Handlers``): a stranger holds up nothing. The door runs in
+its server's own process and reaches it through a TensorFlow session on the in-process
+server (server1's door also writes its note to server0, over the servers' runtime). Each
+client's queues are named by a hash of its token and of the id it chose, so no client
+can address another's. After a failed query the door closes that client's answer queue
+and forgets it: a late answer fails there instead of waiting for a reader, and the client
+draws a new id.
 """
 import hashlib
 import re
@@ -81,15 +87,12 @@ class _ClientGraph:
                 put = queue_ops.queue_enqueue_v2(inputs[index].handle, [self.share])
                 self.take_answer = queue_ops.queue_dequeue_v2(outputs, [tf.int64])[0]
                 self.close = queue_ops.queue_close_v2(outputs, cancel_pending_enqueues=True)
-                self.delete = [tf.raw_ops.DestroyResourceOp(resource=handle, ignore_lookup_error=True)
-                               for handle in (inputs[index].handle, outputs)]
             with tf.device(devices[0]):
                 if index == 1:
                     with tf.control_dependencies([put]):  # the note goes after the share
                         put = queue_ops.queue_enqueue_v2(arrived, [self.batch])
                 else:
                     self.take_arrival = queue_ops.queue_dequeue_v2(arrived, [tf.int64])[0]
-                    self.delete.append(tf.raw_ops.DestroyResourceOp(resource=arrived, ignore_lookup_error=True))
             self.put = put
         self.session = tf.compat.v1.Session(target, graph=self.graph)
         self.busy = False
@@ -107,15 +110,15 @@ class Door:
         self._lock = threading.Lock()
         self._clients = OrderedDict()
         self._in_flight = {}  # token digest -> queries now
-        self._requests = {}  # serving session -> (session, placeholders, enqueue)
+        self._requests = {}  # serving session -> (session, placeholders, enqueue); the current one only
         self._lease_session, self._lease = self._lease_graph()
         key, self.certificate = make_certificate(server)
         host, port = config.door_address(server)
         self.grpc = grpc.server(ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"{server}-door"),
                                 options=SERVER_OPTIONS, maximum_concurrent_rpcs=256)
-        self.grpc.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {
-            ASK.rsplit("/", 1)[1]: grpc.unary_unary_rpc_method_handler(self._ask),
-            HELLO.rsplit("/", 1)[1]: grpc.unary_unary_rpc_method_handler(self._hello)})])
+        self.grpc.add_generic_rpc_handlers([_Handlers(self.gate, {
+            ASK: grpc.unary_unary_rpc_method_handler(self._ask),
+            HELLO: grpc.unary_unary_rpc_method_handler(self._hello)})])
         if self.grpc.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, self.certificate)])) == 0:
             raise OSError(f"{server}'s door cannot listen on {host}:{port}: is that port taken, or not an "
                           "address of this machine?")
@@ -149,25 +152,30 @@ class Door:
         return owner
 
     def _request_graph(self, owner: str):
-        if owner not in self._requests:
-            graph = tf.Graph()
-            with graph.as_default():
-                client_id = tf.compat.v1.placeholder(tf.string, ())
-                batch = tf.compat.v1.placeholder(tf.int64, ())
-                with tf.device(self.devices[0]):
-                    put = queue_ops.queue_enqueue_v2(request_queue(SimpleNamespace(server_0=SimpleNamespace(
-                        device_name=self.devices[0])), owner).handle, [client_id, batch])
-            self._requests = {owner: (tf.compat.v1.Session(self.target, graph=graph), client_id, batch, put)}
-        return self._requests[owner]
+        with self._lock:
+            if owner not in self._requests:
+                graph = tf.Graph()
+                with graph.as_default():
+                    client_id = tf.compat.v1.placeholder(tf.string, ())
+                    batch = tf.compat.v1.placeholder(tf.int64, ())
+                    with tf.device(self.devices[0]):
+                        put = queue_ops.queue_enqueue_v2(request_queue(SimpleNamespace(server_0=SimpleNamespace(
+                            device_name=self.devices[0])), owner).handle, [client_id, batch])
+                for old in self._requests.values():
+                    old[0].close()
+                self._requests = {owner: (tf.compat.v1.Session(self.target, graph=graph), client_id, batch, put)}
+            return self._requests[owner]
 
     def _client(self, queue_id: str) -> _ClientGraph:
         with self._lock:
             client = self._clients.get(queue_id)
             if client is None:
                 client = self._clients[queue_id] = _ClientGraph(self.target, self.devices, self.index, queue_id)
-                for old_id in [key for key, old in self._clients.items() if not old.busy][:-REMEMBERED] \
-                        if len(self._clients) > REMEMBERED else []:
-                    self._forget(self._clients.pop(old_id))
+                idle = [key for key, old in self._clients.items() if not old.busy]
+                for old_id in idle[:max(0, len(self._clients) - REMEMBERED)]:
+                    # Only the session goes: the queues stay on the server, where the serving side may
+                    # still look at them (an empty queue costs next to nothing).
+                    self._clients.pop(old_id).session.close()
             self._clients.move_to_end(queue_id)
             if client.busy:
                 raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION,
@@ -175,12 +183,16 @@ class Door:
             client.busy = True
             return client
 
-    @staticmethod
-    def _forget(client: _ClientGraph) -> None:
+    def _forget(self, queue_id: str, client: _ClientGraph) -> None:
+        """After a failed query: close this client's answer queue here (a late answer fails instead of
+        piling up), and forget it. Its client draws a new id for its next query."""
         try:
-            _run(client.session, client.delete, 2000)
+            _run(client.session, client.close, 2000)
         except tf.errors.OpError:
             pass
+        with self._lock:
+            if self._clients.get(queue_id) is client:
+                del self._clients[queue_id]
         client.session.close()
 
     # -- the clients' side -------------------------------------------------------------------------
@@ -210,9 +222,13 @@ class Door:
 
     def _ask(self, request: bytes, context) -> bytes:
         client = key = None
+        stored = False  # whether this door put anything on the servers for this query
         try:
+            # Nobody serving: refused before anything is counted, made or stored.
+            owner = self._serving()
             key, queue_id, batch = self._check(context, count_images=True)
             if len(request) != batch * int(np.prod(IMAGE_SHAPE)) * WORD.itemsize:
+                key = None
                 raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                                f"the share is not a batch of {batch} images of shape {IMAGE_SHAPE} in 64-bit words")
             with self._lock:
@@ -223,11 +239,15 @@ class Door:
                 self._in_flight[key] = self._in_flight.get(key, 0) + 1
             share = np.frombuffer(request, dtype=WORD).reshape((batch,) + IMAGE_SHAPE)
             client = self._client(queue_id)
-            owner = self._serving()
             if self.index == 0:
-                self._wait(client, client.take_arrival, context, owner, PARTNER_SECONDS,
-                           "server1's door did not receive the other share within "
-                           f"{PARTNER_SECONDS:.0f} s; send one share to each door")
+                announced = self._wait(client, client.take_arrival, context, owner, PARTNER_SECONDS,
+                                       "server1's door did not receive the other share within "
+                                       f"{PARTNER_SECONDS:.0f} s; send one share to each door")
+                if int(announced) != batch:
+                    stored = True  # server1's share is in: this client's queues are spoilt
+                    raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"server1's door was sent a batch of {int(announced)} images, this one {batch}")
+                stored = True
                 _run(client.session, client.put, 5000, {client.share: share})
                 session, client_id, batch_size, put = self._request_graph(owner)
                 try:
@@ -236,19 +256,25 @@ class Door:
                     raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION,
                                    NOT_SERVING + "the serving side stopped. Ask again once it serves.") from None
             else:
+                stored = True
                 _run(client.session, client.put, 5000, {client.share: share, client.batch: batch})
             answer = self._wait(client, client.take_answer, context, owner, LONGEST_WAIT, "no answer in time")
             if answer.ndim != 2:  # an empty vector: the serving side refused the request
                 raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                                f"the serving side refused it: the two shares are not a batch of {batch} images")
+            stored = False
             return answer.astype(WORD).tobytes()
         except _Refusal as refusal:
             context.abort(refusal.code, str(refusal))
-        except tf.errors.OpError as error:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"the servers failed: {error.message.splitlines()[0][:200]}")
+        except tf.errors.OpError:
+            # TensorFlow's own words name the servers' internal addresses: they stay here.
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the servers could not take this query (one of them may "
+                          "have stopped); ask again in a moment")
         finally:
             if client is not None:
                 client.busy = False
+                if stored:
+                    self._forget(queue_id, client)
             if key is not None:
                 with self._lock:
                     self._in_flight[key] -= 1
@@ -269,3 +295,21 @@ class Door:
                                NOT_SERVING + "the serving side stopped before answering. Ask again once it serves.")
             if time.monotonic() > deadline:
                 raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION, late)
+
+
+class _Handlers(grpc.GenericRpcHandler):
+    """Find the method of a call, unless its token was never admitted or was revoked.
+
+    gRPC asks this before it gives the call a thread or reads its body: a call it gets no
+    method for is refused there and then (as UNIMPLEMENTED, which the client reads as "not
+    admitted"), so that strangers, however many and however slow, hold up nobody.
+    """
+
+    def __init__(self, gate: Gate, methods):
+        self.gate, self.methods = gate, methods
+
+    def service(self, handler_call_details):
+        token = dict(handler_call_details.invocation_metadata).get("token", "")
+        if not self.gate.knows(token):
+            return None
+        return self.methods.get(handler_call_details.method)

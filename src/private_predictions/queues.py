@@ -39,12 +39,12 @@ class SharedQueue:
     only :meth:`delete` does.
     """
 
-    def __init__(self, device: str, shared_name: str, dtypes=(tf.int64,)):
+    def __init__(self, device: str, shared_name: str, dtypes=(tf.int64,), capacity: int = CAPACITY):
         self.device, self.shared_name = device, shared_name
         with tf.device(device):
             # No fixed shape: one queue carries batches of any size.
             self.handle = gen_data_flow_ops.fifo_queue_v2(
-                component_types=list(dtypes), capacity=CAPACITY, shared_name=shared_name)
+                component_types=list(dtypes), capacity=capacity, shared_name=shared_name)
 
     def size(self) -> int:
         return int(_size(self.handle))
@@ -126,8 +126,13 @@ def input_queues(protocol, client_id: str):
 
 
 def output_queue(device: str, index: int, client_id: str) -> SharedQueue:
-    """Where server ``index`` (on ``device``) puts its share of ``client_id``'s answer."""
-    return SharedQueue(device, f"{_prefix(client_id)}/out-{index}")
+    """Where server ``index`` (on ``device``) puts its share of ``client_id``'s answer.
+
+    Without a limit: answers nobody collects (a client that gave up) must never make the serving
+    side wait, which would hold up every other client. They are few: each was a query that a
+    door admitted and counted against its client's limit.
+    """
+    return SharedQueue(device, f"{_prefix(client_id)}/out-{index}", capacity=-1)
 
 
 def arrival_queue(device0: str, client_id: str) -> SharedQueue:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ..admission import DEFAULT_PER_MINUTE, certificate_path, revoke, write_card
+from ..client import Card
 from ..config import ClusterConfig
 from ..paths import REPO_ROOT, shown
 from ..ports import address_towards
@@ -79,6 +80,10 @@ def serve_class(names, folder: Path, address: str, base_port, per_minute) -> Non
 
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.json"):  # cards of an earlier class open nothing now: no confusion
+        try:
+            Card.load(old)
+        except (ValueError, KeyError, TypeError):
+            continue  # not a card: not ours to delete
         old.unlink()
     with LocalCluster.start(base_port, config_path=folder / "cluster.json", door_host=address) as cluster:
         link = folder / SERVERS_LINK
