@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from private_predictions import LocalCluster, PrivateClient, load_logits_model, load_mnist
+from private_predictions import LocalCluster, PrivateClient, RuntimeClient, load_logits_model, load_mnist
+from private_predictions.client import Card
 from private_predictions.tooling import start_serving_process
 from private_predictions._tf import tf
 from private_predictions.queues import MAX_BATCH_SIZE
@@ -110,21 +111,36 @@ def main(argv=None):
                        "compute_only": Anchor("compute-only", cluster.config_path, per_block),
                        "compute_only_aby3": Anchor("compute-only-aby3", cluster.config_path, per_block)}
             serving, results["secure_model_seconds"], _, _ = start_serving_process(cluster.config_path)
-            client = PrivateClient.connect(cluster.config_path, timeout=60)
-            steps = len(BATCH_SIZES) + per_block * ROUNDS + len(BATCH_SIZES) * args.throughput_queries
+            # The series' client goes through the doors (TLS, numpy only); the runtime client, inside the
+            # servers' runtime, is the path clients took before the doors: the yardstick for their cost.
+            card = cluster.admit("benchmark", output / "card.json", per_minute=None)
+            client = PrivateClient.connect(card, timeout=60)
+            runtime_client = RuntimeClient.connect(cluster.config_path, timeout=60)
+            steps = 2 * len(BATCH_SIZES) + 2 * per_block * ROUNDS + len(BATCH_SIZES) * args.throughput_queries
             steps += -(-len(x_test) // MAX_BATCH_SIZE)
             with tqdm(total=steps, desc="benchmark", unit="query") as progress:
                 for batch in BATCH_SIZES:  # trace each batch size once before timing
                     client.predict_logits(x_test[:batch])
+                    runtime_client.predict_logits(x_test[:batch])
                     plaintext_call(x_test[:batch])
-                    progress.update(1)
+                    progress.update(2)
 
                 # The paths take turns, block by block: a slower minute slows all of them alike.
-                one, private = x_test[:1], []
+                one, private, inside = x_test[:1], [], []
                 for _ in range(ROUNDS):
                     private += time_calls(lambda: client.predict_logits(one), per_block, progress)
+                    inside += time_calls(lambda: runtime_client.predict_logits(one), per_block, progress)
                     for path in anchors.values():
                         path.block(1)
+                # What a client's first query pays for its TLS connections: a first greeting of both
+                # doors from a new client, against a greeting over connections already made.
+                first, again = [], []
+                for _ in range(10):
+                    fresh = PrivateClient(Card.load(card))
+                    first += time_calls(fresh.hello, 1)
+                    again += time_calls(fresh.hello, 5)
+                    fresh.close()
+                results["tls"] = {"first_hello_ms": percentile_ms(first, 50), "hello_ms": percentile_ms(again, 50)}
                 for name in ("compute_only", "compute_only_aby3"):
                     anchors[name].block(32)
                 for name, path in anchors.items():
@@ -134,6 +150,7 @@ def main(argv=None):
                 plaintext = time_calls(lambda: plaintext_call(one).numpy(), per_block * ROUNDS)
                 results["batch1"] = {
                     "private_median_ms": percentile_ms(private, 50),
+                    "inside_runtime_median_ms": percentile_ms(inside, 50),
                     "private_p95_ms": percentile_ms(private, 95),
                     "plaintext_median_ms": percentile_ms(plaintext, 50),
                     "queries": len(private),
@@ -147,19 +164,23 @@ def main(argv=None):
                                                             / results["compute_only"]["batch1_median_ms"]),
                     "batch1_end_to_end_minus_compute_only_ms": (results["batch1"]["private_median_ms"]
                                                                 - results["compute_only"]["batch1_median_ms"]),
+                    "batch1_doors_minus_inside_runtime_ms": (results["batch1"]["private_median_ms"]
+                                                             - results["batch1"]["inside_runtime_median_ms"]),
                 }
 
                 results["throughput"] = []
                 for batch in BATCH_SIZES:
                     images = x_test[:batch]
-                    sent_before = loopback_bytes()
+                    sent_before, client_before = loopback_bytes(), client.bytes_sent + client.bytes_received
                     times = time_calls(lambda: client.predict_logits(images), args.throughput_queries, progress)
                     sent = loopback_bytes() - sent_before
+                    by_client = client.bytes_sent + client.bytes_received - client_before
                     results["throughput"].append({
                         "batch": batch,
                         "images_per_second": batch * len(times) / sum(times),
                         "median_query_ms": percentile_ms(times, 50),
                         "loopback_bytes_per_image": sent / (batch * len(times)),
+                        "client_bytes_per_image": by_client / (batch * len(times)),
                     })
 
                 # The whole test set goes in batches of the size that gave the most images/s.
@@ -205,6 +226,11 @@ def table(results) -> str:
     lines = [
         f"batch 1, series / stock tf-encrypted serving: {ratios['batch1_series_over_stock_tfe']:.2f} "
         f"({b1['private_median_ms']:.1f} ms / {stock['batch1_median_ms']:.1f} ms, same servers, same run)",
+        f"batch 1, through the doors - inside the servers' runtime: "
+        f"{ratios['batch1_doors_minus_inside_runtime_ms']:+.1f} ms ({b1['private_median_ms']:.1f} ms / "
+        f"{b1['inside_runtime_median_ms']:.1f} ms)",
+        f"a new client's first greeting of both doors (TLS handshakes): {results['tls']['first_hello_ms']:.1f} ms; "
+        f"a greeting over open connections: {results['tls']['hello_ms']:.1f} ms",
         f"batch 1, end to end / compute only: {ratios['batch1_end_to_end_over_compute_only']:.2f} "
         f"(+{ratios['batch1_end_to_end_minus_compute_only_ms']:.1f} ms over {compute['batch1_median_ms']:.1f} ms)",
         f"batch 32 per image, end to end / compute only: "
@@ -224,11 +250,11 @@ def table(results) -> str:
         f"plaintext median {b1['plaintext_median_ms']:.2f} ms; ratio {b1['ratio']:.0f}x ({b1['queries']} queries)",
         f"time to secure the model (share its weights across the servers): {results['secure_model_seconds']:.2f} s",
         "",
-        f"{'batch':>6} {'images/s':>10} {'query ms':>10} {'loopback bytes/image':>22}",
+        f"{'batch':>6} {'images/s':>10} {'query ms':>10} {'loopback bytes/image':>22} {'client bytes/image':>20}",
     ]
     for row in results["throughput"]:
         lines.append(f"{row['batch']:>6} {row['images_per_second']:>10.1f} {row['median_query_ms']:>10.1f} "
-                     f"{row['loopback_bytes_per_image'] / 1e6:>19.2f} MB")
+                     f"{row['loopback_bytes_per_image'] / 1e6:>19.2f} MB {row['client_bytes_per_image'] / 1e3:>17.1f} kB")
     lines += [
         "",
         f"test set ({ts['images']} images, batches of {ts['batch']}): {ts['seconds']:.1f} s; "

@@ -45,7 +45,7 @@ from .queues import (MAX_BATCH_SIZE, NOBODY, REQUEST_DTYPES, SERVING_SILENCE, Se
 
 PARTNER_SECONDS = 10.0  # how long server0's door waits for server1's to say the other share is in
 LONGEST_WAIT = 600.0  # for an answer, whatever the client's deadline
-SLICE_MS = 500  # each wait on the servers is cut in slices, to notice a client that gave up
+WATCH_SECONDS = 0.25  # how often the door looks whether a wait must end (client gone, serving stopped)
 REMEMBERED = 512  # clients whose queues a door keeps; the oldest idle ones are deleted beyond that
 AT_ONCE_PER_TOKEN = 2  # queries of one token in flight at once: one token never fills the door
 CLIENT_ID = re.compile(r"[0-9a-f]{32}")
@@ -93,6 +93,7 @@ class _ClientGraph:
                         put = queue_ops.queue_enqueue_v2(arrived, [self.batch])
                 else:
                     self.take_arrival = queue_ops.queue_dequeue_v2(arrived, [tf.int64])[0]
+                    self.close_arrival = queue_ops.queue_close_v2(arrived, cancel_pending_enqueues=True)
             self.put = put
         self.session = tf.compat.v1.Session(target, graph=self.graph)
         self.busy = False
@@ -112,6 +113,10 @@ class Door:
         self._in_flight = {}  # token digest -> queries now
         self._requests = {}  # serving session -> (session, placeholders, enqueue); the current one only
         self._lease_session, self._lease = self._lease_graph()
+        self._waits = {}  # a wait on the servers -> (context, owner, deadline, queue to close to end it)
+        self._ended = {}  # a wait -> why the watch ended it
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch, name=f"{server}-door watch", daemon=True).start()
         key, self.certificate = make_certificate(server)
         host, port = config.door_address(server)
         self.grpc = grpc.server(ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"{server}-door"),
@@ -131,6 +136,7 @@ class Door:
         return self
 
     def stop(self) -> None:
+        self._stopped.set()
         self.grpc.stop(grace=1).wait(2)
 
     # -- the servers' side -------------------------------------------------------------------------
@@ -242,7 +248,7 @@ class Door:
             if self.index == 0:
                 announced = self._wait(client, client.take_arrival, context, owner, PARTNER_SECONDS,
                                        "server1's door did not receive the other share within "
-                                       f"{PARTNER_SECONDS:.0f} s; send one share to each door")
+                                       f"{PARTNER_SECONDS:.0f} s; send one share to each door", client.close_arrival)
                 if int(announced) != batch:
                     stored = True  # server1's share is in: this client's queues are spoilt
                     raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
@@ -279,22 +285,56 @@ class Door:
                 with self._lock:
                     self._in_flight[key] -= 1
 
-    def _wait(self, client: _ClientGraph, fetch, context, owner: str, seconds: float, late: str):
-        """Run ``fetch`` (a dequeue) until it returns, a slice at a time; refuse if the client left,
-        serving stopped, or ``seconds`` passed."""
-        deadline = time.monotonic() + seconds
-        while True:
+    def _wait(self, client: _ClientGraph, fetch, context, owner: str, seconds: float, late: str, close=None):
+        """Run ``fetch``, a dequeue, until it returns; refuse if the client left, serving stopped, or
+        ``seconds`` passed.
+
+        The dequeue waits without a time limit: a step stopped by its deadline can have taken an element
+        already, and lose it (seen: a query in a few hundred left unanswered). To end the wait, the
+        watch closes the queue it waits on (``close``), which ends a dequeue only while the queue is
+        empty: nothing is ever lost.
+        """
+        token = object()
+        self._waits[token] = (context, owner, time.monotonic() + seconds, client, close or client.close, late)
+        try:
             try:
-                return _run(client.session, fetch, SLICE_MS)
-            except tf.errors.DeadlineExceededError:
-                pass
-            if not context.is_active():
-                raise _Refusal(grpc.StatusCode.CANCELLED, "the client left")
-            if self._serving() != owner:
-                raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                               NOT_SERVING + "the serving side stopped before answering. Ask again once it serves.")
-            if time.monotonic() > deadline:
-                raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION, late)
+                found = client.session.run(fetch)
+            except tf.errors.OpError:
+                if token not in self._ended:
+                    raise
+            if token in self._ended:  # its queue is closed now: this client's next query must use new ones
+                raise self._ended[token]
+            return found
+        finally:
+            self._waits.pop(token, None)
+            self._ended.pop(token, None)
+
+    def _watch(self) -> None:
+        """End the waits that must end, four times a second."""
+        while not self._stopped.wait(WATCH_SECONDS):
+            if not self._waits:
+                continue
+            try:
+                owner_now = self._serving()
+            except _Refusal:
+                owner_now = None  # nobody serves
+            except tf.errors.OpError:
+                continue  # server0 unreachable: the serving side, and then the lease, tell
+            for token, (context, owner, deadline, client, close, late) in list(self._waits.items()):
+                if not context.is_active():
+                    why = _Refusal(grpc.StatusCode.CANCELLED, "the client left")
+                elif owner_now != owner:
+                    why = _Refusal(grpc.StatusCode.FAILED_PRECONDITION, NOT_SERVING + "the serving side stopped "
+                                   "before answering. Ask again once it serves.")
+                elif time.monotonic() > deadline:
+                    why = _Refusal(grpc.StatusCode.FAILED_PRECONDITION, late)
+                else:
+                    continue
+                self._ended[token] = why
+                try:
+                    _run(client.session, close, 2000)
+                except tf.errors.OpError:
+                    pass
 
 
 class _Handlers(grpc.GenericRpcHandler):
