@@ -41,3 +41,19 @@ def test_committed_notebooks_are_fit_to_publish():
         # Readers see the notebook as committed: no run's timestamps, no one's home or work folders.
         assert not re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d", text), f"{path.name} has timestamps"
         assert not re.search(r"/(home|root|work|tmp|Users)/", text), f"{path.name} has a local path"
+
+
+def test_the_summary_keeps_a_line_printed_in_pieces(tmp_path):
+    import nbformat
+
+    from private_predictions.series import SUMMARY_MARKERS, stdout_containing
+
+    notebook = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("print(...)")
+    # As a kernel sent it on a fresh clone: the verdict came after the words, in an output of its own.
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="same predicted digits as the plaintext model:"),
+                    nbformat.v4.new_output("stream", name="stdout", text=" True\nsomething else\n")]
+    notebook.cells.append(cell)
+    path = tmp_path / "n.ipynb"
+    nbformat.write(notebook, path)
+    assert stdout_containing(path, SUMMARY_MARKERS) == "same predicted digits as the plaintext model: True\n"

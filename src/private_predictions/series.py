@@ -47,13 +47,13 @@ def execute_notebook(name: str, output_dir: Path, timeout: int = 600) -> Path:
 def stdout_containing(path: Path, markers) -> str:
     import nbformat
 
-    texts = []
+    lines = []
     for cell in nbformat.read(path, as_version=4).cells:
-        for output in cell.get("outputs", []):
-            text = output.get("text", "") if output.get("name") == "stdout" else ""
-            if any(marker in text for marker in markers):
-                texts.append(text)
-    return "".join(texts)
+        # A kernel may send one printed line in several pieces ("... the plaintext model:" then " True"):
+        # the cell's whole printed text is put together before it is cut into lines.
+        text = "".join(output.get("text", "") for output in cell.get("outputs", []) if output.get("name") == "stdout")
+        lines += [line + "\n" for line in text.splitlines() if any(marker in line for marker in markers)]
+    return "".join(lines)
 
 
 def main(argv=None) -> int:
