@@ -8,6 +8,11 @@ Names are imported when first used, so that a client's machine, which has numpy 
 but no TensorFlow, can import the client (and the data and plots) from this package.
 """
 import importlib
+import os
+
+# TensorFlow's C++ log lines (GPUs this machine lacks, CPU features) drown the story. TensorFlow reads
+# this when it first logs, so importing this package before using TensorFlow is enough (notebook 01).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 _WHERE = {
     "InvalidImageError": "client", "NotAdmittedError": "client", "PrivateClient": "client",
