@@ -406,3 +406,27 @@ def test_the_client_imports_nothing_of_the_servers():
                              "private_predictions.plots; print(' '.join(sys.modules))"],
                             capture_output=True, text=True, check=True).stdout.split()
     assert not {"tensorflow", "tf_encrypted", "private_predictions._tf"} & set(loaded)
+
+
+def test_connect_waits_for_a_new_card_when_its_card_opens_nothing(cluster, serving, tmp_path, x_test):
+    # A card left from servers that stopped (a killed kernel never deleted it), while notebook 02 is
+    # about to admit the client again: connect says so at once, and takes the new card when it comes.
+    path = tmp_path / "card.json"
+    card_for(cluster, tmp_path, "card").save(path)
+    stale = Card.load(path)
+    forged = {server: dict(door, certificate=make_certificate(server)[1].decode()) for server, door in stale.doors.items()}
+    replace(stale, doors=forged).save(path)
+    said, connected = [], []
+    connecting = threading.Thread(target=lambda: connected.append(PrivateClient.connect(path, timeout=60,
+                                                                                         say=said.append)))
+    connecting.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not said and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert said and "did not show the certificate" in said[0] and "Waiting up to" in said[0], said
+        cluster.admit("card", path, per_minute=None)
+    finally:
+        connecting.join(60)
+    assert connected, said
+    assert np.abs(connected[0].predict_logits(x_test[8:9]) - CHECK[8:9]).max() < TOLERANCE

@@ -134,6 +134,15 @@ def random_words(shape) -> np.ndarray:
     return np.frombuffer(os.urandom(8 * count), dtype=WORD).reshape(shape).copy()
 
 
+def _identity(path: Path):
+    """What tells one version of a file from the next (a card is replaced whole, never edited)."""
+    try:
+        stat = path.stat()
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+    except FileNotFoundError:
+        return None
+
+
 def new_client_id() -> str:
     return os.urandom(16).hex()
 
@@ -169,9 +178,24 @@ class PrivateClient:
                     raise FileNotFoundError(f"No card at {shown(card_path)}. Run notebook 02 up to its admit cell, "
                                             "or copy the card the teacher gave you there.")
                 time.sleep(0.1)
-        client = cls(Card.load(card_path), say)
-        client.hello(max(QUICK_SECONDS, deadline - time.monotonic()))
-        return client
+        while True:
+            seen = _identity(card_path)
+            client = cls(Card.load(card_path), say)
+            try:
+                client.hello(min(QUICK_SECONDS, max(1.0, deadline - time.monotonic())))
+                return client
+            except (DoorError, NotAdmittedError) as error:
+                # A card left from servers that have stopped, or revoked: notebook 02 (or the teacher) may
+                # be about to write a new one. Wait for it, within the same time, and say so at once.
+                client.close()
+                if time.monotonic() > deadline:
+                    raise
+                say(f"{error}\nWaiting up to {deadline - time.monotonic():.0f} s for a new card at "
+                    f"{shown(card_path)} (notebook 02 writes one when it admits you)...")
+                while _identity(card_path) == seen:
+                    if time.monotonic() > deadline:
+                        raise error from None
+                    time.sleep(0.1)
 
     def __repr__(self):
         doors = ", ".join(f"{server}={door['address']}" for server, door in self.card.doors.items())
