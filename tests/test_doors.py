@@ -321,6 +321,8 @@ def test_a_class_of_24_asks_one_served_model_at_once_and_a_stranger_gets_nothing
         card = Card.load(folder / "student-01.json")
         no_token = attempt(network, "stranger", NO_TOKEN, json.dumps(card.__dict__), seconds=30)
         assert no_token.strip() == "UNIMPLEMENTED", no_token  # refused before its body is read
+        servers_folder = (folder / "servers").resolve()
+        assert servers_folder.is_dir()
     finally:
         teacher.terminate()
         try:
@@ -328,6 +330,8 @@ def test_a_class_of_24_asks_one_served_model_at_once_and_a_stranger_gets_nothing
         finally:
             teacher.kill()
             network.remove()
+    # Terminated as by Ctrl-C: nothing of the class is left running, nor in the temporary folder.
+    assert teacher.returncode == 0 and not servers_folder.exists()
 
 
 NO_TOKEN = """

@@ -12,6 +12,7 @@ From another terminal, while it serves:
 """
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -68,7 +69,13 @@ def main(argv=None) -> None:
         return
     names = ([line.strip() for line in args.names.read_text().splitlines() if line.strip()] if args.names
              else [f"student-{number:02d}" for number in range(1, args.students + 1)])
+    # Stopped by `kill` (or a service manager) as by Ctrl-C: the servers stop and their folder goes.
+    signal.signal(signal.SIGTERM, _interrupt)
     serve_class(names, folder, args.address or class_address(), args.base_port, args.per_minute)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def serve_class(names, folder: Path, address: str, base_port, per_minute) -> None:
