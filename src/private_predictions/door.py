@@ -28,6 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
@@ -39,6 +40,7 @@ from .admission import AdmissionError, Gate, admissions_path, certificate_path, 
 from .certificates import fingerprint, make_certificate
 from .client import ASK, HELLO, NOT_SERVING, SERVICE, WORD
 from .config import ClusterConfig
+from .protocol import tfe_config
 from .data import IMAGE_SHAPE, NUM_CLASSES
 from .queues import (MAX_BATCH_SIZE, NOBODY, REQUEST_DTYPES, SERVING_SILENCE, ServingLease, arrival_queue,
                      input_queues, output_queue, request_queue)
@@ -73,14 +75,14 @@ def _run(session, fetches, milliseconds: int, feed=None):
 class _ClientGraph:
     """The few operations a door runs for one client: its queues on this server (and the arrival note)."""
 
-    def __init__(self, target: str, devices, index: int, queue_id: str):
+    def __init__(self, target: str, servers, index: int, queue_id: str):
         self.graph = tf.Graph()
+        devices = [servers.server_0.device_name, servers.server_1.device_name]
         own = devices[index]
         with self.graph.as_default():
             self.share = tf.compat.v1.placeholder(tf.int64, (None,) + IMAGE_SHAPE)
             self.batch = tf.compat.v1.placeholder(tf.int64, ())
-            inputs = input_queues(SimpleNamespace(server_0=SimpleNamespace(device_name=devices[0]),
-                                                  server_1=SimpleNamespace(device_name=devices[1])), queue_id)
+            inputs = input_queues(servers, queue_id)
             arrived = arrival_queue(devices[0], queue_id).handle
             outputs = output_queue(own, index, queue_id).handle
             with tf.device(own):
@@ -103,11 +105,13 @@ class Door:
     """server0's or server1's door (``index`` 0 or 1), in the process of that server."""
 
     def __init__(self, config: ClusterConfig, config_path, server: str, target: str):
-        self.config, self.server = config, server
         self.index = int(server[-1])
-        self.devices = [f"/job:tfe/replica:0/task:{i}/device:CPU:0" for i in (0, 1)]
+        # server0 and server1 as the queues' functions name them (protocol.server_0, ...): the players.
+        players = tfe_config(config)
+        self.servers = SimpleNamespace(server_0=players.get_player("server0"), server_1=players.get_player("server1"))
+        self.server0 = self.servers.server_0.device_name
         self.target = target
-        self.gate = Gate(admissions_path(config_path))
+        self.gate = Gate(admissions_path(Path(config_path).parent))
         self._lock = threading.Lock()
         self._clients = OrderedDict()
         self._in_flight = {}  # token digest -> queries now
@@ -115,7 +119,6 @@ class Door:
         self._lease_session, self._lease = self._lease_graph()
         self._waits = {}  # a wait on the servers -> (context, owner, deadline, queue to close to end it)
         self._ended = {}  # a wait -> why the watch ended it
-        self._stopped = threading.Event()
         threading.Thread(target=self._watch, name=f"{server}-door watch", daemon=True).start()
         key, self.certificate = make_certificate(server)
         host, port = config.door_address(server)
@@ -127,7 +130,7 @@ class Door:
         if self.grpc.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, self.certificate)])) == 0:
             raise OSError(f"{server}'s door cannot listen on {host}:{port}: is that port taken, or not an "
                           "address of this machine?")
-        path = certificate_path(config_path, server)
+        path = certificate_path(Path(config_path).parent, server)
         path.write_bytes(self.certificate)
         self.fingerprint = fingerprint(self.certificate)
 
@@ -135,16 +138,12 @@ class Door:
         self.grpc.start()
         return self
 
-    def stop(self) -> None:
-        self._stopped.set()
-        self.grpc.stop(grace=1).wait(2)
-
     # -- the servers' side -------------------------------------------------------------------------
 
     def _lease_graph(self):
         graph = tf.Graph()
-        with graph.as_default(), tf.device(self.devices[0]):
-            lease = ServingLease(self.devices[0])._current()
+        with graph.as_default(), tf.device(self.server0):
+            lease = ServingLease(self.server0)._current()
         return tf.compat.v1.Session(self.target, graph=graph), lease
 
     def _serving(self) -> str:
@@ -164,9 +163,8 @@ class Door:
                 with graph.as_default():
                     client_id = tf.compat.v1.placeholder(tf.string, ())
                     batch = tf.compat.v1.placeholder(tf.int64, ())
-                    with tf.device(self.devices[0]):
-                        put = queue_ops.queue_enqueue_v2(request_queue(SimpleNamespace(server_0=SimpleNamespace(
-                            device_name=self.devices[0])), owner).handle, [client_id, batch])
+                    with tf.device(self.server0):
+                        put = queue_ops.queue_enqueue_v2(request_queue(self.servers, owner).handle, [client_id, batch])
                 for old in self._requests.values():
                     old[0].close()
                 self._requests = {owner: (tf.compat.v1.Session(self.target, graph=graph), client_id, batch, put)}
@@ -176,7 +174,7 @@ class Door:
         with self._lock:
             client = self._clients.get(queue_id)
             if client is None:
-                client = self._clients[queue_id] = _ClientGraph(self.target, self.devices, self.index, queue_id)
+                client = self._clients[queue_id] = _ClientGraph(self.target, self.servers, self.index, queue_id)
                 idle = [key for key, old in self._clients.items() if not old.busy]
                 for old_id in idle[:max(0, len(self._clients) - REMEMBERED)]:
                     # Only the session goes: the queues stay on the server, where the serving side may
@@ -310,8 +308,9 @@ class Door:
             self._ended.pop(token, None)
 
     def _watch(self) -> None:
-        """End the waits that must end, four times a second."""
-        while not self._stopped.wait(WATCH_SECONDS):
+        """End the waits that must end, four times a second, for as long as the server runs."""
+        while True:
+            time.sleep(WATCH_SECONDS)
             if not self._waits:
                 continue
             try:
