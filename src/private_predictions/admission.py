@@ -21,14 +21,14 @@ from typing import Dict, Optional
 DEFAULT_PER_MINUTE = 600  # images: a learner sends tens; extracting a model takes many thousands
 
 
-def admissions_path(config_path) -> Path:
-    """The admissions file the doors read: beside the cluster file they were started with."""
-    return Path(config_path).parent / "admitted.json"
+def admissions_path(folder) -> Path:
+    """The admissions file the doors read, in ``folder``: where their cluster file lies."""
+    return Path(folder) / "admitted.json"
 
 
-def certificate_path(config_path, server: str) -> Path:
+def certificate_path(folder, server: str) -> Path:
     """Where ``server``'s door writes its certificate, for the cards: beside the cluster file too."""
-    return Path(config_path).parent / f"{server}-door.pem"
+    return Path(folder) / f"{server}-door.pem"
 
 
 class AdmissionError(PermissionError):
@@ -134,24 +134,23 @@ class Gate:
         return entry["name"]
 
 
-def write_card(config, directory, name: str, card_path, per_minute: Optional[int] = DEFAULT_PER_MINUTE) -> None:
-    """Admit ``name`` in ``directory``'s admissions file and write its card to ``card_path``.
+def write_card(config, folder, name: str, card_path, per_minute: Optional[int] = DEFAULT_PER_MINUTE) -> None:
+    """Admit ``name`` in ``folder``'s admissions file and write its card to ``card_path``.
 
-    ``directory`` is where the doors' cluster file lies: their admissions file and certificates are there.
+    ``folder`` is where the doors' cluster file lies: their admissions file and certificates are there.
     """
     from .client import Card
     from .data import IMAGE_SHAPE
     from .protocol import FIXED_POINT
     from .queues import MAX_BATCH_SIZE
 
-    cluster_file = Path(directory) / "cluster.json"
-    token = Admissions(admissions_path(cluster_file)).admit(name, per_minute)
-    doors = {server: {"address": config.doors[server],
-                      "certificate": certificate_path(cluster_file, server).read_text()} for server in sorted(config.doors)}
+    token = Admissions(admissions_path(folder)).admit(name, per_minute)
+    doors = {server: {"address": config.doors[server], "certificate": certificate_path(folder, server).read_text()}
+             for server in sorted(config.doors)}
     Card(name=name, token=token, doors=doors, scaling_factor=FIXED_POINT.scaling_factor, image_shape=IMAGE_SHAPE,
          max_batch=MAX_BATCH_SIZE).save(card_path)
 
 
-def revoke(directory, name: str) -> int:
-    """Revoke ``name``'s tokens in ``directory``'s admissions file; how many were still valid."""
-    return Admissions(admissions_path(Path(directory) / "cluster.json")).revoke(name)
+def revoke(folder, name: str) -> int:
+    """Revoke ``name``'s tokens in ``folder``'s admissions file; how many were still valid."""
+    return Admissions(admissions_path(folder)).revoke(name)

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import io
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import listen_guard
@@ -73,7 +74,7 @@ def main(argv=None):
         except OSError as error:
             sys.exit(str(error))
         print(f"{args.name}'s door listening on {config.doors[args.name]} (TLS); its certificate is "
-              f"{certificate_path(args.config, args.name)}, SHA-256 {door.fingerprint}", flush=True)
+              f"{certificate_path(Path(args.config).parent, args.name)}, SHA-256 {door.fingerprint}", flush=True)
     server.join()
 
 

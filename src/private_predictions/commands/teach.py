@@ -102,7 +102,7 @@ def serve_class(names, folder: Path, address: str, base_port, per_minute) -> Non
             cards = [cluster.admit(name, folder / f"{name}.json", per_minute) for name in names]
             print(f"{len(cards)} cards in {shown(folder)}/ ({shown(cards[0])} ...): give each student theirs.")
             for server, door in sorted(cluster.config.doors.items()):
-                certificate = certificate_path(cluster.folder / "cluster.json", server).read_bytes()
+                certificate = certificate_path(cluster.folder, server).read_bytes()
                 print(f"{server}'s door: {door}   certificate SHA-256 {fingerprint(certificate)}")
             print("Students: pip install -r requirements-client.txt, save the card as card.json at the top of "
                   "the repository, run notebook 03.\nPress Ctrl-C to stop serving (the cards then open nothing).",
