@@ -143,6 +143,15 @@ def _identity(path: Path):
         return None
 
 
+def _changed(path: Path, seen, deadline: float) -> bool:
+    """Wait until ``path`` is no longer the version ``seen`` (None: absent); False if ``deadline`` came first."""
+    while _identity(path) == seen:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def new_client_id() -> str:
     return os.urandom(16).hex()
 
@@ -173,11 +182,9 @@ class PrivateClient:
         if not card_path.exists():
             say(f"Waiting up to {timeout:.0f} s for your card, {shown(card_path)} (notebook 02 writes it "
                 "when it admits you; in a class, the teacher gives it to you)...")
-            while not card_path.exists():
-                if time.monotonic() > deadline:
-                    raise FileNotFoundError(f"No card at {shown(card_path)}. Run notebook 02 up to its admit cell, "
-                                            "or copy the card the teacher gave you there.")
-                time.sleep(0.1)
+            if not _changed(card_path, None, deadline):
+                raise FileNotFoundError(f"No card at {shown(card_path)}. Run notebook 02 up to its admit cell, "
+                                        "or copy the card the teacher gave you there.")
         while True:
             seen = _identity(card_path)
             client = cls(Card.load(card_path), say)
@@ -192,10 +199,8 @@ class PrivateClient:
                     raise
                 say(f"{error}\nWaiting up to {deadline - time.monotonic():.0f} s for a new card at "
                     f"{shown(card_path)} (notebook 02 writes one when it admits you)...")
-                while _identity(card_path) == seen:
-                    if time.monotonic() > deadline:
-                        raise error from None
-                    time.sleep(0.1)
+                if not _changed(card_path, seen, deadline):
+                    raise error from None
 
     def __repr__(self):
         doors = ", ".join(f"{server}={door['address']}" for server, door in self.card.doors.items())
