@@ -15,9 +15,11 @@ run-es: setup
 test: setup
 	scripts/test.sh
 
-# Jupyter refuses to run as root (containers, many cloud machines) unless told it may.
+# Jupyter refuses to run as root (containers, many cloud machines) unless told it may. Kernels talk to
+# JupyterLab over Unix sockets in this user's own runtime folder, not TCP on loopback: no other local
+# user can reach them, and a kernel has no "running over TCP without encryption" warning to print.
 lab: setup
-	.venv/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
+	.venv/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) --KernelManager.transport=ipc notebooks/
 
 benchmark: setup
 	.venv/bin/python benchmarks/benchmark.py

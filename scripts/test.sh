@@ -22,8 +22,13 @@ $python -m private_predictions.series --stages --language en --language es | whi
         pids+=($!)
     done
     failed=0
-    for pid in "${pids[@]}"; do
-        wait "$pid" || failed=1  # both notebooks of a stage finish before the suite stops
+    for _ in "${pids[@]}"; do
+        if ! wait -n; then
+            # 02 serves until 03 says it is done: once one notebook of a stage fails, the others
+            # are stopped, instead of waiting for their cell's timeout.
+            [ "$failed" = 1 ] || kill -TERM "${pids[@]}" 2>/dev/null || true
+            failed=1
+        fi
     done
     [ "$failed" = 0 ]
 done

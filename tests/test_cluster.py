@@ -34,6 +34,21 @@ def test_stop_leaves_no_process_and_nothing_in_the_temporary_folder(tmp_path):
     assert not logs.exists() and not any(lock.exists() for lock in locks)
 
 
+def test_a_start_deletes_the_folders_that_killed_starters_left_and_only_those(tmp_path):
+    from private_predictions.cluster import remove_abandoned_folders
+
+    killed = subprocess.Popen(["true"])
+    killed.wait()
+    left = tmp_path / f"private-predictions-{killed.pid}-k1ll3d"
+    running = tmp_path / f"private-predictions-{os.getpid()}-runn1ng"
+    other = tmp_path / "private-predictions-locks"
+    for folder in (left, running, other):
+        folder.mkdir()
+        (folder / "server0.log").write_text("")
+    remove_abandoned_folders(tmp_path)
+    assert not left.exists() and running.exists() and other.exists()
+
+
 @pytest.mark.parametrize("end", ["restart", "kill"])
 def test_a_restarted_or_killed_notebook_kernel_leaves_no_server(tmp_path, end):
     from jupyter_client.manager import start_new_kernel

@@ -20,7 +20,7 @@ import pytest
 
 from private_predictions.certificates import make_certificate
 from private_predictions.client import (ASK, CHANNEL_OPTIONS, DOORS, Card, DoorError, NotAdmittedError,
-                                        PrivateClient, door_name, new_client_id)
+                                        PrivateClient, ServingStoppedError, door_name, new_client_id)
 from private_predictions.data import load_mnist
 from private_predictions.paths import CHECK_LOGITS_PATH
 from private_predictions.ports import find_free_base_port
@@ -434,3 +434,36 @@ def test_connect_waits_for_a_new_card_when_its_card_opens_nothing(cluster, servi
         connecting.join(60)
     assert connected, said
     assert np.abs(connected[0].predict_logits(x_test[8:9]) - CHECK[8:9]).max() < TOLERANCE
+
+
+def test_a_clients_goodbye_ends_a_serving_for_one_client_once_its_answers_are_collected(tmp_path, x_test):
+    # Notebook 02 serves until notebook 03 says it is done: no count of queries, no deadline between them.
+    with LocalCluster.start(find_free_base_port(), config_path=tmp_path / "cluster.json") as cluster:
+        serving = start_serving_process(cluster.config_path, options=["--until-done"])
+        try:
+            client = PrivateClient.connect(cluster.admit("learner", tmp_path / "card.json"), say=lambda line: None)
+            for index in range(3):  # as often as the learner likes
+                assert np.abs(client.predict_logits(x_test[index:index + 1]) - CHECK[index:index + 1]).max() < TOLERANCE
+            said = []
+            client.say = said.append
+            client.done()
+            assert serving.wait(30) == 0, "".join(serving.output)
+            assert "The client said it is done: stopped serving after 3 queries.\n" in serving.output
+            assert said == ["Told the servers you are done; this client is closed."]
+            with pytest.raises(RuntimeError, match="This client is closed"):
+                client.predict_logits(x_test[:1])
+            later = PrivateClient.connect(tmp_path / "card.json", say=lambda line: None)
+            with pytest.raises(ServingStoppedError, match="nobody serves the model now"):
+                later.predict_logits(x_test[:1], timeout=5)
+        finally:
+            serving.stop()
+
+
+def test_a_clients_goodbye_leaves_a_class_served(cluster, serving, tmp_path, x_test):
+    # The teach command and the serve command serve everyone until their operator stops them.
+    leaving = PrivateClient(card_for(cluster, tmp_path, "leaving"), say=lambda line: None)
+    staying = PrivateClient(card_for(cluster, tmp_path, "staying"), say=lambda line: None)
+    leaving.predict_logits(x_test[:1])
+    leaving.done()
+    assert serving.process.poll() is None
+    assert np.abs(staying.predict_logits(x_test[9:10]) - CHECK[9:10]).max() < TOLERANCE

@@ -1,9 +1,13 @@
 import json
 import re
+import time
 from pathlib import Path
 
+import nbformat
+import pytest
+
 from private_predictions.data import DatasetError, load_mnist
-from private_predictions.series import NOTEBOOK_DIR, NOTEBOOK_STAGES
+from private_predictions.series import NOTEBOOK_DIR, NOTEBOOK_STAGES, execute_stage
 
 
 def test_every_notebook_is_executed_by_the_tests():
@@ -57,3 +61,14 @@ def test_the_summary_keeps_a_line_printed_in_pieces(tmp_path):
     path = tmp_path / "n.ipynb"
     nbformat.write(notebook, path)
     assert stdout_containing(path, SUMMARY_MARKERS) == "same predicted digits as the plaintext model: True\n"
+
+
+def test_a_failing_notebook_ends_its_stage_at_once(tmp_path):
+    # As 02 would serve on after 03 failed, until its cell's timeout (10 minutes), and nobody said why.
+    waits, fails = tmp_path / "serves.ipynb", tmp_path / "asks.ipynb"
+    for path, code in ((waits, "import time\ntime.sleep(300)"), (fails, "raise RuntimeError('the client failed')")):
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)]), path)
+    start = time.monotonic()
+    with pytest.raises(Exception, match="the client failed"):
+        execute_stage([str(waits), str(fails)], tmp_path / "out")
+    assert time.monotonic() - start < 60

@@ -38,6 +38,7 @@ from .paths import CARD_PATH, shown  # noqa: E402
 # still hold a share of the failed query under the old one.
 SERVICE = "private_predictions.Door"
 ASK, HELLO = f"/{SERVICE}/Ask", f"/{SERVICE}/Hello"
+DONE = f"/{SERVICE}/Done"  # to server0's door only, with batch 0: "this client has no more questions"
 WORD = np.dtype("<i8")
 DOORS = ("server0", "server1")
 NOT_SERVING = "not serving: "  # how a door's refusal starts when nobody serves the model right now
@@ -168,12 +169,12 @@ class PrivateClient:
             channel = grpc.secure_channel(card.doors[server]["address"], credentials, options=CHANNEL_OPTIONS + [
                 ("grpc.ssl_target_name_override", door_name(server))])
             self._channels[server] = channel
-            self._stubs[server] = {method: channel.unary_unary(method) for method in (ASK, HELLO)}
+            self._stubs[server] = {method: channel.unary_unary(method) for method in (ASK, HELLO, DONE)}
         # Names this client's queues on the servers (with the token); fresh after any failure, so a late
         # answer to an abandoned query can never be taken for the next one's.
         self._client_id = new_client_id()
         self.bytes_sent = self.bytes_received = 0
-        self._served = False
+        self._served = self._closed = False
 
     @classmethod
     def connect(cls, card_path=CARD_PATH, timeout: float = 120.0, say=print) -> "PrivateClient":
@@ -208,6 +209,7 @@ class PrivateClient:
 
     def hello(self, timeout: float = QUICK_SECONDS) -> None:
         """Check that both doors answer, show the card's certificates, and admit its token."""
+        self._check_open()
         calls = {server: self._stubs[server][HELLO].future(b"", metadata=self._metadata(0), timeout=timeout)
                  for server in DOORS}
         self._collect(calls, time.monotonic() + timeout)
@@ -256,6 +258,7 @@ class PrivateClient:
 
     def _ask(self, shares, deadline: float):
         """Send share i to server i's door, both at once; return the two shares of the answer."""
+        self._check_open()
         batch = len(shares[0])
         bodies = [share.astype(WORD).tobytes() for share in shares]
         calls = {server: self._stubs[server][ASK].future(body, metadata=self._metadata(batch),
@@ -331,6 +334,29 @@ class PrivateClient:
         return DoorError(f"{server}'s door ({address}) is not answering ({details or code.name}). Check that "
                          "the servers run (notebook 02) and that this device reaches that address.")
 
+    def done(self, timeout: float = QUICK_SECONDS) -> None:
+        """Tell the servers you have no more questions, and close this client.
+
+        A model served for you alone (notebook 02's serve cell) stops serving; a class's
+        serving goes on for the others.
+        """
+        self._check_open()
+        call = self._stubs["server0"][DONE].future(b"", metadata=self._metadata(0), timeout=timeout)
+        try:
+            self._collect({"server0": call}, time.monotonic() + timeout)
+            self.say("Told the servers you are done; this client is closed.")
+        except ServingStoppedError:
+            self.say("Nobody serves the model now, so there was nothing to stop; this client is closed.")
+        finally:
+            self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("This client is closed (you said you are done). To ask again, serve the model "
+                               "again (the serve cell of notebook 02) and connect a new client "
+                               "(PrivateClient.connect()).")
+
     def close(self) -> None:
+        self._closed = True
         for channel in self._channels.values():
             channel.close()

@@ -3,6 +3,7 @@ import ctypes
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -118,6 +119,32 @@ def _terminate(process: psutil.Process, timeout: float = 10.0) -> None:
 
 
 LOCK_DIR = Path(tempfile.gettempdir()) / "private-predictions-locks"
+FOLDER_NAME = re.compile(r"private-predictions-(\d+)-\w+")  # the pid of the process that started its servers
+
+
+def new_servers_folder() -> Path:
+    """A new folder for the servers' logs, their cluster file and the admissions, in the temporary folder.
+
+    ``stop`` deletes it; a process killed before it could (SIGKILL, the out-of-memory killer)
+    leaves it. Its name holds the starter's pid, so the next start deletes such leftovers.
+    """
+    remove_abandoned_folders(Path(tempfile.gettempdir()))
+    return Path(tempfile.mkdtemp(prefix=f"private-predictions-{os.getpid()}-"))
+
+
+def remove_abandoned_folders(parent: Path) -> None:
+    """Delete this user's servers' folders in ``parent`` whose starting process has exited.
+
+    Their servers exited with it (they die with their parent), and their tokens admit nobody.
+    """
+    for folder in parent.glob("private-predictions-*-*"):
+        found = FOLDER_NAME.fullmatch(folder.name)
+        try:
+            mine = folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if found and mine and not psutil.pid_exists(int(found[1])):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _lock(key: str, deadline: float, what: str) -> int:
@@ -269,7 +296,7 @@ class LocalCluster:
         with self._locks(deadline):
             self._refuse_to_replace_a_running_cluster()
             self._clear_ports()
-            log_dir = self._log_dir = Path(tempfile.mkdtemp(prefix="private-predictions-"))
+            log_dir = self._log_dir = new_servers_folder()
             # The servers read a copy of their own: a start racing for the same cluster file
             # can then neither change their ports nor see a file naming servers not yet proven.
             own_copy = log_dir / "cluster.json"

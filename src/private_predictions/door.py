@@ -38,7 +38,7 @@ from tensorflow.python.ops import gen_data_flow_ops as queue_ops
 from ._tf import tf
 from .admission import AdmissionError, Gate, admissions_path, certificate_path, digest
 from .certificates import fingerprint, make_certificate
-from .client import ASK, HELLO, NOT_SERVING, SERVICE, WORD
+from .client import ASK, DONE, HELLO, NOT_SERVING, SERVICE, WORD
 from .config import ClusterConfig
 from .protocol import tfe_config
 from .data import IMAGE_SHAPE, NUM_CLASSES
@@ -124,9 +124,11 @@ class Door:
         host, port = config.door_address(server)
         self.grpc = grpc.server(ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"{server}-door"),
                                 options=SERVER_OPTIONS, maximum_concurrent_rpcs=256)
-        self.grpc.add_generic_rpc_handlers([_Handlers(self.gate, {
-            ASK: grpc.unary_unary_rpc_method_handler(self._ask),
-            HELLO: grpc.unary_unary_rpc_method_handler(self._hello)})])
+        methods = {ASK: grpc.unary_unary_rpc_method_handler(self._ask),
+                   HELLO: grpc.unary_unary_rpc_method_handler(self._hello)}
+        if self.index == 0:  # the request queue, where a goodbye goes, is on server0
+            methods[DONE] = grpc.unary_unary_rpc_method_handler(self._done)
+        self.grpc.add_generic_rpc_handlers([_Handlers(self.gate, methods)])
         if self.grpc.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, self.certificate)])) == 0:
             raise OSError(f"{server}'s door cannot listen on {host}:{port}: is that port taken, or not an "
                           "address of this machine?")
@@ -222,6 +224,19 @@ class Door:
             self._check(context, count_images=False)
         except _Refusal as refusal:
             context.abort(refusal.code, str(refusal))
+        return b""
+
+    def _done(self, request: bytes, context) -> bytes:
+        """A client's goodbye: a request of no images and no shares, which the serving side reads as
+        "this client is done" (serving.py). Notebook 02's serving stops then; a class's goes on."""
+        try:
+            _, queue_id, _ = self._check(context, count_images=False)
+            session, client_id, batch_size, put = self._request_graph(self._serving())
+            _run(session, put, 5000, {client_id: queue_id, batch_size: 0})
+        except _Refusal as refusal:
+            context.abort(refusal.code, str(refusal))
+        except tf.errors.OpError:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, NOT_SERVING + "the serving side stopped.")
         return b""
 
     def _ask(self, request: bytes, context) -> bytes:

@@ -16,11 +16,15 @@ def load_logits_model(path: Path = MODEL_PATH):
             f"No trained model at {path}. Run notebook 01 (public training) first, "
             "or restore the committed one with `git checkout -- models/`."
         )
-    trained = tf.keras.models.load_model(path)
+    return logits_of(tf.keras.models.load_model(path), path)
+
+
+def logits_of(trained, name="the model"):
+    """The same network and weights, with the final softmax dropped (the exercises use it too)."""
     config = trained.get_config()
     last = config["layers"][-1]
     if last["class_name"] != "Dense" or last["config"].get("activation") != "softmax":
-        raise ValueError(f"{path} should end with a Dense layer with softmax, as notebook 01 builds it; "
+        raise ValueError(f"{name} should end with a Dense layer with softmax, as notebook 01 builds it; "
                          f"it ends with {last['class_name']} ({last['config'].get('activation')}).")
     last["config"]["activation"] = "linear"
     logits_model = tf.keras.Sequential.from_config(config)

@@ -5,7 +5,10 @@ each in its own kernel, as a reader runs them: one serving, the other querying. 
 Spanish twins live in ``notebooks/es`` and run the same way.
 """
 import argparse
+import os
+import signal
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +27,49 @@ NOTEBOOK_STAGES = {
 SUMMARY_MARKERS = ("private prediction", "same predicted digits", "predicción privada", "mismos dígitos")
 
 
-def execute_notebook(name: str, output_dir: Path, timeout: int = 600) -> Path:
+class StageStopped(RuntimeError):
+    """Another notebook of the stage failed: this one was stopped."""
+
+
+def execute_stage(stage, output_dir: Path):
+    """Execute the stage's notebooks at the same time; return their output paths.
+
+    02 serves until 03 says it is done: when one notebook fails, the others stop (a running
+    cell is interrupted, no further cell starts), so the stage ends at once instead of at
+    the serve cell's timeout.
+    """
+    clients, failed, causes = {}, threading.Event(), []
+
+    def before_each_cell(**_):
+        if failed.is_set():
+            raise StageStopped("stopped: another notebook of this stage failed")
+
+    def execute(name):
+        try:
+            return execute_notebook(name, output_dir, started=lambda client: clients.__setitem__(name, client),
+                                    on_cell_start=before_each_cell)
+        except BaseException as error:
+            if not failed.is_set():
+                causes.append(error)
+            failed.set()
+            for other, client in list(clients.items()):
+                pid = getattr(getattr(client.km, "provisioner", None), "pid", None)
+                if other != name and pid:
+                    try:  # what Jupyter's "Interrupt the kernel" sends (client.km's own call is a coroutine)
+                        os.kill(pid, signal.SIGINT)
+                    except ProcessLookupError:
+                        pass  # it has ended already
+            raise
+
+    with ThreadPoolExecutor(len(stage)) as pool:
+        running = [pool.submit(execute, name) for name in stage]
+    if causes:
+        raise causes[0]  # the notebook that failed first: the others were stopped because of it
+    return [future.result() for future in running]
+
+
+def execute_notebook(name: str, output_dir: Path, timeout: int = 600, started=lambda client: None,
+                     on_cell_start=None) -> Path:
     import nbformat
     from nbclient import NotebookClient
 
@@ -35,9 +80,11 @@ def execute_notebook(name: str, output_dir: Path, timeout: int = 600) -> Path:
         cell.metadata.pop("execution", None)
     # The kernel talks to this runner over loopback only; its warning that this local channel
     # is unencrypted has nothing to do with the series' privacy, and alarmed readers of `make run`.
-    NotebookClient(notebook, timeout=timeout, kernel_name="python3", record_timing=False,
-                   extra_arguments=["--IPKernelApp.log_level=ERROR"],
-                   resources={"metadata": {"path": str(source.parent)}}).execute()
+    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", record_timing=False,
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+                            resources={"metadata": {"path": str(source.parent)}}, on_cell_start=on_cell_start)
+    started(client)
+    client.execute()
     output = output_dir / name
     output.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(notebook, output)
@@ -73,9 +120,8 @@ def main(argv=None) -> int:
     executed = {}
     for stage in stages:
         print("executing", " and ".join(stage), "..." if len(stage) == 1 else "at the same time ...", flush=True)
-        with ThreadPoolExecutor(len(stage)) as pool:
-            for name, path in zip(stage, pool.map(lambda n: execute_notebook(n, output_dir), stage)):
-                executed[name] = path
+        for name, path in zip(stage, execute_stage(stage, output_dir)):
+            executed[name] = path
     print("\nexecuted notebooks:")
     for path in executed.values():
         print("  ", path)

@@ -34,6 +34,10 @@ RESTART_ADVICE = ("Serving cannot go on. If that server's process died, the serv
                   "its machine only dropped off the network, serve again once it is back.")
 
 
+# What _Session._next returns for a client's goodbye, instead of what happened to a query.
+CLIENT_DONE = object()
+
+
 class ServingConflictError(RuntimeError):
     """Another serving side already serves this cluster."""
 
@@ -134,17 +138,19 @@ class SecureModel:
                 self._clients.popitem(last=False)
         return self._clients[client_id]
 
-    def serve(self, num_requests: Optional[int], timeout: Optional[float] = 120.0,
-              report: Optional[Callable[[str], None]] = print) -> None:
-        """Answer ``num_requests`` private queries, waiting at most ``timeout`` s for each.
+    def serve(self, num_requests: Optional[int] = None, timeout: Optional[float] = None,
+              report: Optional[Callable[[str], None]] = print, until_done: bool = False) -> None:
+        """Answer private queries: ``num_requests`` of them, or (None) until interrupted.
 
-        ``num_requests=None`` serves until interrupted, and ``timeout=None`` waits for each
-        request however long it takes. Refuses at once if another serving side serves this
-        cluster. Returns once every client has collected its results, so the servers can be
-        stopped right after without cutting off a client.
+        ``until_done=True`` also stops when a client says it is done (``PrivateClient.done()``):
+        for a model served to one learner (notebook 02). A class's or an operator's serving
+        leaves it False: one client's goodbye must not end the others' service. ``timeout``
+        limits the wait for each request (None: however long it takes). Refuses at once if
+        another serving side serves this cluster. Returns once every client has collected its
+        results, so the servers can be stopped right after without cutting off a client.
         """
         with _Session(self, report or (lambda line: None)) as session:
-            session.run(num_requests, timeout)
+            session.run(num_requests, timeout, until_done)
 
     def close(self) -> None:
         """Delete the weight shares from the servers; the model cannot serve afterwards.
@@ -232,20 +238,34 @@ class _Session:
                 pass  # a server is gone: clients will notice that too
         self._heartbeat.join(2.0)
 
-    def run(self, num_requests: Optional[int], timeout: Optional[float]) -> None:
+    def run(self, num_requests: Optional[int], timeout: Optional[float], until_done: bool) -> None:
         of_total = "" if num_requests is None else f"/{num_requests}"
-        how_many = "until interrupted" if num_requests is None else f"{num_requests} queries"
         how_long = "" if timeout is None else f", waiting up to {timeout:.0f} s for each"
-        self.report(f"Serving {how_many}{how_long}: run notebook 03 (private prediction) now.")
+        if num_requests is None and until_done:
+            self.report(f"Serving until the client says it is done (the last cell of notebook 03), or until you "
+                        f"interrupt the kernel{how_long}. Run notebook 03 (private prediction) now.")
+        else:
+            how_many = "until interrupted" if num_requests is None else f"{num_requests} queries"
+            self.report(f"Serving {how_many}{how_long}: run notebook 03 (private prediction) now.")
         number = 0
-        while num_requests is None or number < num_requests:
-            try:
-                outcome = self._next(timeout)
-            except ServerUnreachableError as error:
-                self._ride_out(error)
-                continue
-            number += 1
-            self.report(f"Request {number}{of_total}: {outcome}")
+        try:
+            while num_requests is None or number < num_requests:
+                try:
+                    outcome = self._next(timeout)
+                except ServerUnreachableError as error:
+                    self._ride_out(error)
+                    continue
+                if outcome is CLIENT_DONE:
+                    if until_done:
+                        self.report(f"The client said it is done: stopped serving after {_queries(number)}.")
+                        break
+                    continue
+                number += 1
+                self.report(f"Request {number}{of_total}: {outcome}")
+        except KeyboardInterrupt:
+            self.report(f"Stopped serving after {_queries(number)}: interrupted. The servers still hold the model: "
+                        "serve again to go on.")
+            raise
         if self.dropped:
             self.report(f"Dropped {self.dropped} requests that had no shares behind them: this series' "
                         "clients never send those.")
@@ -269,17 +289,20 @@ class _Session:
         self.report(f"{error.name} answers again: serving goes on.")
 
     def _next(self, timeout: Optional[float]) -> str:
-        """Take requests until one is answered or refused; say what happened to it.
+        """Take requests until one is answered or refused; say what happened to it (or CLIENT_DONE).
 
-        A request with no shares behind it is dropped at once and not counted: this series'
-        clients put both shares in before their request, so it comes from something else
-        that reached the request queue, and waiting for its shares would hold up the
-        complete requests queued behind it.
+        A request of no images with no shares behind it is a client's goodbye: server0's door
+        puts one in when its client says it is done. Any other request with no shares behind
+        it is dropped at once and not counted: this series' clients put both shares in before
+        their request, so it comes from something else that reached the request queue, and
+        waiting for its shares would hold up the complete requests queued behind it.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             while self.backlog:
                 client_id, batch, filled = self.backlog.popleft()
+                if batch == 0 and not filled:  # no images and no shares: a client's goodbye (door.py)
+                    return CLIENT_DONE
                 outcome = self._take(client_id, batch) if filled else None
                 if outcome is not None:
                     return outcome
@@ -401,6 +424,10 @@ class _Session:
                 self.report("Some results were not collected in time: their clients are gone.")
                 return
             time.sleep(0.05)
+
+
+def _queries(number: int) -> str:
+    return f"{number} query" if number == 1 else f"{number} queries"
 
 
 def share_model(keras_model, protocol) -> SecureModel:

@@ -28,14 +28,15 @@ class ServingProcess(NamedTuple):
         self.wait(10)
 
 
-def start_serving_process(config_path, timeout: float = 120.0,
-                          launcher: Sequence[str] = ()) -> ServingProcess:
-    """Run this module in a child process, sharing the model and serving it until stopped.
+def start_serving_process(config_path, timeout: float = 120.0, launcher: Sequence[str] = (),
+                          options: Sequence[str] = ()) -> ServingProcess:
+    """Run the serve command in a child process, sharing the model and serving it until stopped.
 
     Waits at most ``timeout`` s for the child to say it is serving, and kills it otherwise.
-    ``launcher`` runs it elsewhere, as in :func:`private_predictions.cluster.start_server`.
+    ``launcher`` runs it elsewhere, as in :func:`private_predictions.cluster.start_server`;
+    ``options`` are the command's own (``--until-done``, ...).
     """
-    process = subprocess.Popen([*launcher, sys.executable, "-m", SERVE_MODULE, str(config_path)],
+    process = subprocess.Popen([*launcher, sys.executable, "-m", SERVE_MODULE, str(config_path), *options],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline, seen = time.monotonic() + timeout, []
     with selectors.DefaultSelector() as selector:

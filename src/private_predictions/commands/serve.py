@@ -20,6 +20,8 @@ def main(argv=None) -> None:
     parser.add_argument("--requests", type=int, default=None, help="stop after this many (default: never)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds to wait for each request (default: no limit)")
+    parser.add_argument("--until-done", action="store_true",
+                        help="also stop when a client says it is done (a model served for one client)")
     args = parser.parse_args(argv)
     model = load_logits_model()
     protocol = connect(RemoteCluster.join(args.config, args.timeout or 3600.0).config)
@@ -35,7 +37,7 @@ def main(argv=None) -> None:
         print(line, flush=True)
 
     try:
-        secure_model.serve(args.requests, args.timeout, report=report)
+        secure_model.serve(args.requests, args.timeout, report=report, until_done=args.until_done)
     except (ServerUnreachableError, ServingConflictError) as error:
         sys.exit(f"{STOPPED}: {error}")
     except KeyboardInterrupt:
