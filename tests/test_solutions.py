@@ -1,0 +1,178 @@
+"""The worked solutions (docs/solutions.md, docs/es/soluciones.md) run, as a learner would run them.
+
+Each code block starts with a comment naming its notebook; it runs in a kernel that has run that
+notebook's own cells, against servers of the test's own, in the order a learner would take: the
+serve cell interrupted for exercise 02.3, the client revoked and admitted again for 02.4.
+"""
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from private_predictions.paths import REPO_ROOT
+from private_predictions.series import NOTEBOOK_DIR
+from test_translations import code_without_words
+
+SOLUTIONS = {"en": REPO_ROOT / "docs" / "solutions.md", "es": REPO_ROOT / "docs" / "es" / "soluciones.md"}
+NOTEBOOK_NAMED = re.compile(r"# (?:in|en el) notebook (0\d)")
+EXERCISE = re.compile(r"^### (\d\d\.\d) ", re.M)
+
+
+def solution_blocks(path: Path):
+    """[(exercise, notebook, code)] in the page's order."""
+    found, exercise = [], None
+    for part in re.split(r"(^### [^\n]*$|^```python\n.*?^```$)", path.read_text(), flags=re.M | re.S):
+        heading = EXERCISE.match(part)
+        if heading:
+            exercise = heading[1]
+        elif part.startswith("```python"):
+            code = part[len("```python\n"):-3]
+            notebook = NOTEBOOK_NAMED.match(code)
+            assert notebook, f"{path.name}, {exercise}: a code block must start with the notebook it runs in"
+            found.append((exercise, notebook[1], code))
+    return found
+
+
+def test_every_exercise_has_a_solution_in_both_languages():
+    numbered = re.compile(r"^(\d)\. ", re.M)
+    exercises = set()
+    for path in sorted(NOTEBOOK_DIR.glob("0[1-3]_*.ipynb")):
+        last = "".join(json.loads(path.read_text())["cells"][-1]["source"])
+        exercises |= {f"{path.name[:2]}.{n}" for n in numbered.findall(last.split("## Exercises")[1])}
+    assert len(exercises) == 11
+    for path in SOLUTIONS.values():
+        assert set(EXERCISE.findall(path.read_text())) == exercises, path.name
+
+
+def test_the_spanish_solutions_run_the_same_code():
+    english, spanish = (solution_blocks(path) for path in SOLUTIONS.values())
+    assert [(e, n) for e, n, _ in english] == [(e, n) for e, n, _ in spanish]
+    for (exercise, _, ours), (_, _, theirs) in zip(english, spanish):
+        assert code_without_words(ours) == code_without_words(theirs), exercise
+
+
+class Kernel:
+    """A notebook's kernel, started in ``home`` as the repository (its cluster file and card go there)."""
+
+    def __init__(self, home: Path):
+        from jupyter_client.manager import start_new_kernel
+
+        env = dict(os.environ, PRIVATE_PREDICTIONS_HOME=str(home), MPLBACKEND="Agg")
+        self.manager, self.client = start_new_kernel(kernel_name="python3", env=env, cwd=str(NOTEBOOK_DIR))
+
+    def start(self, code: str) -> str:
+        return self.client.execute(code)
+
+    def finish(self, started: str, timeout: float = 300, until_printed=None) -> str:
+        """What the execution ``started`` printed, once it has ended (or once it printed ``until_printed``)."""
+        printed, error, deadline = [], None, time.monotonic() + timeout
+        while True:
+            assert time.monotonic() < deadline, f"no end in {timeout} s; printed:\n{''.join(printed)}"
+            try:
+                message = self.client.get_iopub_msg(timeout=1)
+            except Exception:  # noqa: BLE001  (queue.Empty: nothing yet)
+                continue
+            if message["parent_header"].get("msg_id") != started:
+                continue
+            kind, content = message["msg_type"], message["content"]
+            if kind == "stream":
+                printed.append(content["text"])
+                if until_printed and until_printed in "".join(printed):
+                    return "".join(printed)
+            elif kind == "error":
+                error = f"{content['ename']}: {content['evalue']}"
+            elif kind == "status" and content["execution_state"] == "idle":
+                self.client.get_shell_msg(timeout=10)
+                if error:
+                    raise AssertionError(f"{error}\nprinted:\n{''.join(printed)}")
+                return "".join(printed)
+
+    def run(self, code: str, timeout: float = 300) -> str:
+        return self.finish(self.start(code), timeout)
+
+    def interrupted(self, started: str) -> str:
+        self.manager.interrupt_kernel()
+        with pytest.raises(AssertionError, match="KeyboardInterrupt") as caught:
+            self.finish(started, 30)
+        return str(caught.value)
+
+    def stop(self):
+        self.client.stop_channels()
+        self.manager.shutdown_kernel(now=True)
+
+
+def notebook_code(number: str, until=None):
+    """The code cells of English notebook ``number``, up to the first containing ``until``."""
+    path = next(NOTEBOOK_DIR.glob(f"{number}_*.ipynb"))
+    cells = ["".join(cell["source"]) for cell in json.loads(path.read_text())["cells"] if cell["cell_type"] == "code"]
+    if until:
+        cells = cells[:next(i for i, code in enumerate(cells) if until in code)]
+    return cells
+
+
+@pytest.fixture
+def home(tmp_path):
+    """A repository of the test's own: the same data and model, its own cluster file and card."""
+    for folder in ("data", "models"):
+        (tmp_path / folder).symlink_to(REPO_ROOT / folder)
+    return tmp_path
+
+
+def blocks_of(notebook: str):
+    found = [(exercise, code) for exercise, number, code in solution_blocks(SOLUTIONS["en"]) if number == notebook]
+    assert found, f"no solution runs in notebook {notebook}"
+    return found
+
+
+def test_the_solutions_to_notebook_01_run(home):
+    kernel = Kernel(home)
+    try:
+        for code in notebook_code("01", until="model.save("):  # the committed model stays as it is
+            kernel.run(code)
+        for exercise, code in blocks_of("01"):
+            print(exercise, kernel.run(code))  # shown with pytest -s: what the page describes
+    finally:
+        kernel.stop()
+
+
+def test_the_solutions_to_notebooks_02_and_03_run(home):
+    owner, client = Kernel(home), Kernel(home)
+    try:
+        for code in notebook_code("02", until=".serve("):
+            owner.run(code)
+        for exercise, code in blocks_of("02"):
+            if exercise in ("02.1", "02.2"):
+                print(exercise, owner.run(code))
+        serving = owner.start("secure_model.serve(until_done=True)")
+        for code in notebook_code("03", until=".done()"):
+            client.run(code)
+        for exercise, code in blocks_of("03"):
+            if exercise.startswith("03."):
+                print(exercise, client.run(code))
+
+        # 02.3: the serve cell interrupted; 03's next query says so at once; serving again, 03 goes on.
+        first, again = [code for exercise, _, code in solution_blocks(SOLUTIONS["en"]) if exercise == "02.3"]
+        owner.interrupted(serving)
+        start = time.monotonic()
+        said = client.run(first)
+        print("02.3", said, f"after {time.monotonic() - start:.1f} s")
+        assert "nobody serves the model now" in said and time.monotonic() - start < 5
+        serving = owner.start("secure_model.serve(until_done=True)")
+        owner.finish(serving, 60, until_printed="Serving until")  # as a learner sees it serve, then asks
+        assert "private prediction: 7" in client.run(again)
+        owner.interrupted(serving)
+
+        # 02.4: revoked, 03's connect waits for a new card, and takes the one 02 writes.
+        revoke, connect, admit = [code for exercise, _, code in solution_blocks(SOLUTIONS["en"]) if exercise == "02.4"]
+        owner.run(revoke)
+        connecting = client.start(connect)
+        assert "does not admit your token" in client.finish(connecting, 30, until_printed="Waiting up to")
+        owner.run(admit)
+        client.finish(connecting, 30)
+        owner.run(notebook_code("02")[-1])  # stop the servers
+    finally:
+        owner.stop()
+        client.stop()
