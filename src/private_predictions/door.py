@@ -13,6 +13,10 @@ puts in its share and the request. A client that sends one share only costs the 
 few seconds of one thread at server0's door (a share sent to server1's door alone waits
 there until its client gives up); the serving side never sees its request.
 
+A client that says it is done (``Done``, server0's door only) puts a request of no images
+and no shares in the serving side's queue: notebook 02's serving ends there, a class's
+goes on (serving.py).
+
 A call with a token that is not admitted (or revoked) is refused before gRPC reads its
 body or gives it a thread (``_Handlers``): a stranger holds up nothing. The door runs in
 its server's own process and reaches it through a TensorFlow session on the in-process
@@ -24,8 +28,10 @@ draws a new id.
 """
 import hashlib
 import re
+import sys
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -68,8 +74,17 @@ class _Refusal(Exception):
         self.code = code
 
 
+# A session's first run also places its graph on the servers: on a loaded machine (2 cores, a
+# class asking at once) that alone can take seconds, so it gets longer than the later ones.
+FIRST_RUN_MS = 30000
+_warm = weakref.WeakSet()  # sessions that have run once
+
+
 def _run(session, fetches, milliseconds: int, feed=None):
-    return session.run(fetches, feed, options=tf.compat.v1.RunOptions(timeout_in_ms=int(milliseconds)))
+    limit = milliseconds if session in _warm else max(milliseconds, FIRST_RUN_MS)
+    found = session.run(fetches, feed, options=tf.compat.v1.RunOptions(timeout_in_ms=int(limit)))
+    _warm.add(session)
+    return found
 
 
 class _ClientGraph:
@@ -285,8 +300,11 @@ class Door:
             return answer.astype(WORD).tobytes()
         except _Refusal as refusal:
             context.abort(refusal.code, str(refusal))
-        except tf.errors.OpError:
-            # TensorFlow's own words name the servers' internal addresses: they stay here.
+        except tf.errors.OpError as error:
+            # TensorFlow's own words name the servers' internal addresses: they go to this server's
+            # log, for its operator, not to the client.
+            print(f"door: a query failed on the servers: {type(error).__name__}: "
+                  f"{error.message.splitlines()[0][:300]}", file=sys.stderr, flush=True)
             context.abort(grpc.StatusCode.UNAVAILABLE, "the servers could not take this query (one of them may "
                           "have stopped); ask again in a moment")
         finally:
