@@ -467,3 +467,18 @@ def test_a_clients_goodbye_leaves_a_class_served(cluster, serving, tmp_path, x_t
     leaving.done()
     assert serving.process.poll() is None
     assert np.abs(staying.predict_logits(x_test[9:10]) - CHECK[9:10]).max() < TOLERANCE
+
+
+def test_goodbyes_count_against_the_tokens_limit(cluster, serving, tmp_path):
+    # Each goodbye is a request the serving side must take: a token cannot send them without end.
+    from private_predictions.client import DONE
+
+    card = card_for(cluster, tmp_path, "waving", per_minute=2)
+    credentials = grpc.ssl_channel_credentials(root_certificates=card.doors["server0"]["certificate"].encode())
+    metadata = (("token", card.token), ("client", new_client_id()), ("batch", "0"))
+    with grpc.secure_channel(card.doors["server0"]["address"], credentials,
+                             options=[("grpc.ssl_target_name_override", door_name("server0"))]) as channel:
+        for _ in range(2):
+            channel.unary_unary(DONE)(b"", metadata=metadata, timeout=10)
+        refused = refusal(lambda: channel.unary_unary(DONE)(b"", metadata=metadata, timeout=10))
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED and "a minute" in refused.details()

@@ -218,8 +218,11 @@ class Door:
 
     # -- the clients' side -------------------------------------------------------------------------
 
-    def _check(self, context, count_images: bool):
-        """(token digest, queue id, batch) of a well-formed, admitted request; else refuse."""
+    def _check(self, context, count_images: bool, cost: int = 0):
+        """(token digest, queue id, batch) of a well-formed, admitted request; else refuse.
+
+        Counted against the token's limit: the batch's images (``count_images``), or else ``cost``.
+        """
         metadata = dict(context.invocation_metadata())
         token, client_id, batch = metadata.get("token", ""), metadata.get("client", ""), metadata.get("batch", "")
         if not batch.isdigit() or not (count_images is False or 1 <= int(batch) <= MAX_BATCH_SIZE):
@@ -227,7 +230,7 @@ class Door:
         if not CLIENT_ID.fullmatch(client_id):
             raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the client id must be 32 hexadecimal digits")
         try:
-            self.gate.admit(token, int(batch) if count_images else 0)
+            self.gate.admit(token, int(batch) if count_images else cost)
         except AdmissionError as error:
             raise _Refusal(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
         key = digest(token)
@@ -245,7 +248,9 @@ class Door:
         """A client's goodbye: a request of no images and no shares, which the serving side reads as
         "this client is done" (serving.py). Notebook 02's serving stops then; a class's goes on."""
         try:
-            _, queue_id, _ = self._check(context, count_images=False)
+            # A goodbye costs the serving side a request to take: counted as one image, so that a
+            # token's goodbyes are bounded by its limit like its queries.
+            _, queue_id, _ = self._check(context, count_images=False, cost=1)
             session, client_id, batch_size, put = self._request_graph(self._serving())
             _run(session, put, 5000, {client_id: queue_id, batch_size: 0})
         except _Refusal as refusal:
