@@ -105,7 +105,11 @@ def test_every_value_the_servers_open_on_the_64_bit_ring_is_uniformly_random(clu
     finally:
         secure_model.close()
     for site, values in seen.items():
-        words = np.concatenate([value.numpy() for value in values]).view(np.uint64)
+        # server0 and server1 each open the same value (both need it): count it once. Counted twice,
+        # a site's words are not independent, and the bound below is too tight by a factor of sqrt(2)
+        # (seen: bit 63 set in 0.5064 of a ReLU's 163,456 words, "5.2 standard deviations").
+        distinct = {value.numpy().tobytes(): value.numpy() for value in values}
+        words = np.concatenate(list(distinct.values())).view(np.uint64)
         for bit in (63, 62):
             share = float(((words >> np.uint64(bit)) & np.uint64(1)).mean())
             # Binomial: a uniform bit is set in half the words, give or take 5 standard deviations.
