@@ -15,11 +15,9 @@ run-es: setup
 test: setup
 	scripts/test.sh
 
-# Jupyter refuses to run as root (containers, many cloud machines) unless told it may. Kernels talk to
-# JupyterLab over Unix sockets in this user's own runtime folder, not TCP on loopback: no other local
-# user can reach them, and a kernel has no "running over TCP without encryption" warning to print.
+# JupyterLab on notebooks/, its kernels' channels on Unix sockets only this user can open (scripts/lab.sh).
 lab: setup
-	.venv/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) --KernelManager.transport=ipc notebooks/
+	scripts/lab.sh
 
 benchmark: setup
 	.venv/bin/python benchmarks/benchmark.py

@@ -229,3 +229,50 @@ def test_servers_on_several_hosts_each_listen_on_their_own_address_only(network,
         sockets = lambda: listening_on_host(network, name, [pid])
         wait_until(sockets, 60, f"{name} did not start listening")  # the fixture has just started it
         assert set(sockets().values()) == {f"::ffff:{network.addresses[name]}"}, name
+
+
+@pytest.mark.parametrize("runtime_folder", ["usual", "too deep for a Unix socket"])
+def test_make_labs_kernels_talk_over_unix_sockets_and_start_wherever_the_runtime_folder_is(runtime_folder):
+    # `make lab` runs scripts/lab.sh. Its kernels' five channels are Unix sockets in the runtime folder, not
+    # TCP ports, and no "Kernel is running over TCP without encryption" alarms a privacy course's terminal.
+    # (ipykernel keeps one loopback port for its forked children's output, and drops what lacks its random
+    # key.) A socket's path holds 107 bytes at most: under a deeper folder the kernel still starts, on TCP
+    # on loopback, where forcing Unix sockets left JupyterLab without a kernel.
+    import shutil
+    import tempfile
+    import urllib.request
+
+    repository = Path(__file__).resolve().parents[1]
+    base = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # pytest's own folders are already too deep
+    runtime, log, port = base / ("r" if runtime_folder == "usual" else "deep" * 20), base / "lab.log", free_ports(1)[0]
+    with open(log, "wb") as output:
+        lab = subprocess.Popen(["scripts/lab.sh", "--no-browser", f"--port={port}", "--ServerApp.token=test"],
+                               cwd=repository, stdout=output, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, JUPYTER_RUNTIME_DIR=str(runtime)))
+    try:
+        def start_kernel():
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/api/kernels", data=b'{"name": "python3"}',
+                                             headers={"Authorization": "token test"}, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=5) as answer:
+                    return json.load(answer)["id"]
+            except OSError:
+                return None  # JupyterLab not listening yet, or no kernel
+        kernel_id = wait_until(start_kernel, 60, f"JupyterLab started no kernel:\n{log.read_text()[-2000:]}")
+        kernel = wait_until(lambda: next((child for child in psutil.Process(lab.pid).children(recursive=True)
+                                          if "ipykernel_launcher" in " ".join(child.cmdline())), None),
+                            30, "the kernel did not start")
+        if runtime_folder == "usual":
+            wait_until(lambda: len(list(runtime.glob(f"kernel-{kernel_id}-ipc-*"))) == 5, 30,
+                       f"the kernel opened no Unix sockets:\n{log.read_text()[-2000:]}")
+            sockets = listening([kernel.pid])
+            assert len(sockets) <= 1 and set(sockets.values()) <= LOOPBACK, sockets  # the children's pipe at most
+            assert "without encryption" not in log.read_text()
+        else:
+            sockets = wait_until(lambda: len(listening([kernel.pid])) >= 5 and listening([kernel.pid]), 30,
+                                 f"no kernel on TCP:\n{log.read_text()[-2000:]}")
+            assert set(sockets.values()) <= LOOPBACK
+    finally:
+        lab.terminate()
+        lab.wait(30)
+        shutil.rmtree(base, ignore_errors=True)

@@ -10,7 +10,7 @@ queue a dequeue waits on makes it fail at once) or abandons it.
 """
 import threading
 import time
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 SLICE = 0.1  # how long a wait sleeps between looks at its deadline: the interrupt latency
 WATCH_INTERVAL = 0.5
@@ -73,13 +73,15 @@ def bounded(function: Callable, *args, timeout: float, message: str,
     return wait_for(BackgroundCall(function, *args), timeout, message, watches)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, message: str, pause: float = SLICE) -> None:
-    """Check ``condition`` every ``pause`` s; raise TimeoutError(message) after ``timeout`` s.
+def wait_until(condition: Callable[[], Any], timeout: float, message: str, pause: float = SLICE):
+    """Check ``condition`` every ``pause`` s and return what it returns once true; raise
+    TimeoutError(message) after ``timeout`` s.
 
     For conditions checked without TensorFlow (a file appears, a port opens).
     """
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (found := condition()):
         if time.monotonic() > deadline:
             raise TimeoutError(message)
         time.sleep(pause)
+    return found

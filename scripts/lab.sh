@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# JupyterLab on notebooks/ (make lab). Its kernels' channels are Unix sockets in the user's own runtime
+# folder, not TCP ports on loopback: other local users cannot open them, and no kernel prints "Kernel is
+# running over TCP without encryption" in a privacy course's terminal. A Unix socket's path holds at most 107 bytes,
+# and a kernel's sockets add 50 to the folder's path: under a folder too deep for that, TCP on loopback, as
+# Jupyter does by default. Options given to this script go to JupyterLab.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runtime=$(.venv/bin/jupyter --runtime-dir)
+transport=ipc
+if [ $(( $(printf %s "$runtime" | wc -c) + 50 )) -gt 107 ]; then
+    transport=tcp
+fi
+as_root=()
+if [ "$(id -u)" = 0 ]; then
+    as_root=(--allow-root)  # Jupyter refuses to run as root (containers, many cloud machines) unless told it may
+fi
+exec .venv/bin/jupyter lab "${as_root[@]}" --KernelManager.transport="$transport" "$@" notebooks/
