@@ -4,6 +4,8 @@ Each code block starts with a comment naming its notebook; it runs in a kernel t
 notebook's own cells, against servers of the test's own, in the order a learner would take: the
 serve cell interrupted for exercise 02.3, the client revoked and admitted again for 02.4.
 """
+import ast
+import builtins
 import json
 import os
 import re
@@ -52,6 +54,36 @@ def test_the_spanish_solutions_run_the_same_code():
     assert [(e, n) for e, n, _ in english] == [(e, n) for e, n, _ in spanish]
     for (exercise, _, ours), (_, _, theirs) in zip(english, spanish):
         assert code_without_words(ours) == code_without_words(theirs), exercise
+
+
+def names(code: str):
+    """(names the code binds, names it reads)."""
+    bound, read = set(), set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Name):
+            (read if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+    return bound, read
+
+
+def test_each_solution_needs_only_its_notebook_and_its_own_earlier_blocks():
+    # The test below runs the blocks one after another in one kernel: a block that uses a name only an
+    # earlier exercise's block defines would pass there, and fail for a teacher who runs it alone.
+    from_notebook = {number: set(dir(builtins)).union(*(names(code)[0] for code in notebook_code(number)))
+                     for number in ("01", "02", "03")}
+    earlier = {}
+    for exercise, notebook, code in solution_blocks(SOLUTIONS["en"]):
+        known = from_notebook[notebook] | earlier.setdefault((exercise, notebook), set())
+        bound, read = names(code)
+        assert read <= known | bound, f"{exercise}: {sorted(read - known - bound)} come from another exercise"
+        earlier[(exercise, notebook)] |= bound
 
 
 class Kernel:

@@ -352,9 +352,9 @@ class PrivateClient:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("This client is closed (you said you are done). To ask again, serve the model "
-                               "again (the serve cell of notebook 02) and connect a new client "
-                               "(PrivateClient.connect()).")
+            raise RuntimeError("This client is closed: you said you are done. To ask again, run notebook 02 "
+                               "again from the top (in a class, the teacher's servers still serve you), then "
+                               "notebook 03's connect cell.")
 
     def close(self) -> None:
         self._closed = True

@@ -242,8 +242,8 @@ class _Session:
         of_total = "" if num_requests is None else f"/{num_requests}"
         how_long = "" if timeout is None else f", waiting up to {timeout:.0f} s for each"
         if num_requests is None and until_done:
-            self.report(f"Serving until the client says it is done (the last cell of notebook 03), or until you "
-                        f"interrupt the kernel{how_long}. Run notebook 03 (private prediction) now.")
+            self.report(f"Serving until the client says it is done (notebook 03's cell \"Say you are done\"), or "
+                        f"until you interrupt the kernel{how_long}. Run notebook 03 (private prediction) now.")
         else:
             how_many = "until interrupted" if num_requests is None else f"{num_requests} queries"
             self.report(f"Serving {how_many}{how_long}: run notebook 03 (private prediction) now.")
