@@ -25,6 +25,7 @@ from private_predictions.data import load_mnist
 from private_predictions.paths import CHECK_LOGITS_PATH
 from private_predictions.ports import find_free_base_port
 from private_predictions.tooling import start_serving_process
+from private_predictions.waiting import wait_until
 from private_predictions import LocalCluster
 from conftest import stop
 
@@ -482,3 +483,39 @@ def test_goodbyes_count_against_the_tokens_limit(cluster, serving, tmp_path):
             channel.unary_unary(DONE)(b"", metadata=metadata, timeout=10)
         refused = refusal(lambda: channel.unary_unary(DONE)(b"", metadata=metadata, timeout=10))
     assert refused.code() == grpc.StatusCode.PERMISSION_DENIED and "a minute" in refused.details()
+
+
+def test_the_doors_watch_never_closes_the_queues_of_a_wait_that_has_returned():
+    # The race behind a class's query failing now and then ("the servers could not take this query"): the
+    # watch looked at the waits; a query's answer came and its call ended; the watch then saw the call ended,
+    # took it for a client that left, and closed that client's answer queue, which its next query waits on.
+    from types import SimpleNamespace
+
+    from private_predictions.door import Door
+
+    door = Door.__new__(Door)  # the waits and their watch only, no servers
+    door._waits, door._ended, door._waits_lock = {}, {}, threading.Lock()
+    door._serving = lambda: "the serving side"
+    answered, closed, returned = threading.Event(), [], []
+
+    class Session:
+        def run(self, fetch, *args, **kwargs):
+            if fetch == "close":
+                closed.append(fetch)
+                return None
+            answered.wait(10)
+            return "the answer"
+
+    class Call:
+        def is_active(self):  # asked by the watch: the answer comes, and the call ends, just before
+            answered.set()
+            waiting.join(10)
+            return False
+
+    client = SimpleNamespace(session=Session(), close="close")
+    waiting = threading.Thread(target=lambda: returned.append(
+        door._wait(client, "take the answer", Call(), "the serving side", 600, "no answer in time")))
+    waiting.start()
+    wait_until(lambda: door._waits, 10, "the wait did not start")
+    door._end_waits()
+    assert returned == ["the answer"] and closed == []

@@ -133,6 +133,7 @@ class Door:
         self._requests = {}  # serving session -> (session, placeholders, enqueue); the current one only
         self._lease_session, self._lease = self._lease_graph()
         self._waits = {}  # a wait on the servers -> (context, owner, deadline, queue to close to end it)
+        self._waits_lock = threading.Lock()
         self._ended = {}  # a wait -> why the watch ended it
         threading.Thread(target=self._watch, name=f"{server}-door watch", daemon=True).start()
         key, self.certificate = make_certificate(server)
@@ -328,50 +329,62 @@ class Door:
         The dequeue waits without a time limit: a step stopped by its deadline can have taken an element
         already, and lose it (seen: a query in a few hundred left unanswered). To end the wait, the
         watch closes the queue it waits on (``close``), which ends a dequeue only while the queue is
-        empty: nothing is ever lost.
+        empty: nothing is ever lost. Whether the watch ended this wait is settled under ``_waits_lock``
+        when it ends, so the watch never closes the queues of a wait that has already returned: the
+        same client's next query waits on them (seen: a class's query failed now and then).
         """
         token = object()
-        self._waits[token] = (context, owner, time.monotonic() + seconds, client, close or client.close, late)
+        with self._waits_lock:
+            self._waits[token] = (context, owner, time.monotonic() + seconds, client, close or client.close, late)
+        failure = found = None
         try:
-            try:
-                found = client.session.run(fetch)
-            except tf.errors.OpError:
-                if token not in self._ended:
-                    raise
-            if token in self._ended:  # its queue is closed now: this client's next query must use new ones
-                raise self._ended[token]
-            return found
+            found = client.session.run(fetch)
+        except tf.errors.OpError as error:
+            failure = error
         finally:
-            self._waits.pop(token, None)
-            self._ended.pop(token, None)
+            with self._waits_lock:
+                self._waits.pop(token, None)
+                ended = self._ended.pop(token, None)
+        if ended is not None:  # its queue is closed now: this client's next query must use new ones
+            raise ended
+        if failure is not None:
+            raise failure
+        return found
 
     def _watch(self) -> None:
         """End the waits that must end, four times a second, for as long as the server runs."""
         while True:
             time.sleep(WATCH_SECONDS)
-            if not self._waits:
+            if self._waits:
+                self._end_waits()
+
+    def _end_waits(self) -> None:
+        try:
+            owner_now = self._serving()
+        except _Refusal:
+            owner_now = None  # nobody serves
+        except tf.errors.OpError:
+            return  # server0 unreachable: the serving side, and then the lease, tell
+        with self._waits_lock:
+            waiting = list(self._waits.items())
+        for token, (context, owner, deadline, client, close, late) in waiting:
+            if not context.is_active():
+                why = _Refusal(grpc.StatusCode.CANCELLED, "the client left")
+            elif owner_now != owner:
+                why = _Refusal(grpc.StatusCode.FAILED_PRECONDITION, NOT_SERVING + "the serving side stopped "
+                               "before answering. Ask again once it serves.")
+            elif time.monotonic() > deadline:
+                why = _Refusal(grpc.StatusCode.FAILED_PRECONDITION, late)
+            else:
                 continue
-            try:
-                owner_now = self._serving()
-            except _Refusal:
-                owner_now = None  # nobody serves
-            except tf.errors.OpError:
-                continue  # server0 unreachable: the serving side, and then the lease, tell
-            for token, (context, owner, deadline, client, close, late) in list(self._waits.items()):
-                if not context.is_active():
-                    why = _Refusal(grpc.StatusCode.CANCELLED, "the client left")
-                elif owner_now != owner:
-                    why = _Refusal(grpc.StatusCode.FAILED_PRECONDITION, NOT_SERVING + "the serving side stopped "
-                                   "before answering. Ask again once it serves.")
-                elif time.monotonic() > deadline:
-                    why = _Refusal(grpc.StatusCode.FAILED_PRECONDITION, late)
-                else:
-                    continue
+            with self._waits_lock:
+                if token not in self._waits:
+                    continue  # it returned meanwhile (its client may be waiting on these queues again)
                 self._ended[token] = why
-                try:
-                    _run(client.session, close, 2000)
-                except tf.errors.OpError:
-                    pass
+            try:
+                _run(client.session, close, 2000)
+            except Exception:  # noqa: BLE001  (an OpError, or a session its query closed already)
+                pass
 
 
 class _Handlers(grpc.GenericRpcHandler):
