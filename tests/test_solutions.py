@@ -6,7 +6,6 @@ serve cell interrupted for exercise 02.3, the client revoked and admitted again 
 """
 import ast
 import builtins
-import json
 import os
 import re
 import time
@@ -16,7 +15,7 @@ import pytest
 
 from private_predictions.paths import REPO_ROOT
 from private_predictions.series import NOTEBOOK_DIR
-from test_translations import code_without_words
+from test_translations import by_number, cells, code_without_words, source
 
 SOLUTIONS = {"en": REPO_ROOT / "docs" / "solutions.md", "es": REPO_ROOT / "docs" / "es" / "soluciones.md"}
 NOTEBOOK_NAMED = re.compile(r"# (?:in|en el) notebook (0\d)")
@@ -41,9 +40,9 @@ def solution_blocks(path: Path):
 def test_every_exercise_has_a_solution_in_both_languages():
     numbered = re.compile(r"^(\d)\. ", re.M)
     exercises = set()
-    for path in sorted(NOTEBOOK_DIR.glob("0[1-3]_*.ipynb")):
-        last = "".join(json.loads(path.read_text())["cells"][-1]["source"])
-        exercises |= {f"{path.name[:2]}.{n}" for n in numbered.findall(last.split("## Exercises")[1])}
+    for number, path in by_number(NOTEBOOK_DIR).items():
+        last = source(cells(path)[-1])
+        exercises |= {f"{number}.{n}" for n in numbered.findall(last.split("## Exercises")[1])}
     assert len(exercises) == 11
     for path in SOLUTIONS.values():
         assert set(EXERCISE.findall(path.read_text())) == exercises, path.name
@@ -138,11 +137,10 @@ class Kernel:
 
 def notebook_code(number: str, until=None):
     """The code cells of English notebook ``number``, up to the first containing ``until``."""
-    path = next(NOTEBOOK_DIR.glob(f"{number}_*.ipynb"))
-    cells = ["".join(cell["source"]) for cell in json.loads(path.read_text())["cells"] if cell["cell_type"] == "code"]
+    code = [source(cell) for cell in cells(by_number(NOTEBOOK_DIR)[number]) if cell["cell_type"] == "code"]
     if until:
-        cells = cells[:next(i for i, code in enumerate(cells) if until in code)]
-    return cells
+        code = code[:next(i for i, text in enumerate(code) if until in text)]
+    return code
 
 
 @pytest.fixture

@@ -44,11 +44,11 @@ from tensorflow.python.ops import gen_data_flow_ops as queue_ops
 from ._tf import tf
 from .admission import AdmissionError, Gate, admissions_path, certificate_path, digest
 from .certificates import fingerprint, make_certificate
-from .client import ASK, DONE, HELLO, NOT_SERVING, SERVICE, WORD
+from .client import ASK, DONE, HELLO, NOT_SERVING, WORD
 from .config import ClusterConfig
 from .protocol import tfe_config
 from .data import IMAGE_SHAPE, NUM_CLASSES
-from .queues import (MAX_BATCH_SIZE, NOBODY, REQUEST_DTYPES, SERVING_SILENCE, ServingLease, arrival_queue,
+from .queues import (MAX_BATCH_SIZE, NOBODY, SERVING_SILENCE, ServingLease, arrival_queue,
                      input_queues, output_queue, request_queue)
 
 PARTNER_SECONDS = 10.0  # how long server0's door waits for server1's to say the other share is in
@@ -174,19 +174,28 @@ class Door:
                            "cell of notebook 02, or the teach command); then ask again.")
         return owner
 
-    def _request_graph(self, owner: str):
+    def _put_request(self, owner: str, queue_id: str, batch: int) -> None:
+        """Put a request in the request queue of the serving side ``owner``; refuse if it has stopped.
+
+        ``batch`` 0 (and no shares) is a client's goodbye.
+        """
         with self._lock:
             if owner not in self._requests:
                 graph = tf.Graph()
                 with graph.as_default():
                     client_id = tf.compat.v1.placeholder(tf.string, ())
-                    batch = tf.compat.v1.placeholder(tf.int64, ())
+                    size = tf.compat.v1.placeholder(tf.int64, ())
                     with tf.device(self.server0):
-                        put = queue_ops.queue_enqueue_v2(request_queue(self.servers, owner).handle, [client_id, batch])
+                        put = queue_ops.queue_enqueue_v2(request_queue(self.servers, owner).handle, [client_id, size])
                 for old in self._requests.values():
                     old[0].close()
-                self._requests = {owner: (tf.compat.v1.Session(self.target, graph=graph), client_id, batch, put)}
-            return self._requests[owner]
+                self._requests = {owner: (tf.compat.v1.Session(self.target, graph=graph), client_id, size, put)}
+            session, client_id, size, put = self._requests[owner]
+        try:
+            _run(session, put, 5000, {client_id: queue_id, size: batch})
+        except tf.errors.OpError:
+            raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                           NOT_SERVING + "the serving side stopped. Ask again once it serves.") from None
 
     def _client(self, queue_id: str) -> _ClientGraph:
         with self._lock:
@@ -252,11 +261,10 @@ class Door:
             # A goodbye costs the serving side a request to take: counted as one image, so that a
             # token's goodbyes are bounded by its limit like its queries.
             _, queue_id, _ = self._check(context, count_images=False, cost=1)
-            session, client_id, batch_size, put = self._request_graph(self._serving())
-            _run(session, put, 5000, {client_id: queue_id, batch_size: 0})
+            self._put_request(self._serving(), queue_id, 0)
         except _Refusal as refusal:
             context.abort(refusal.code, str(refusal))
-        except tf.errors.OpError:
+        except tf.errors.OpError:  # the serving side's lease could not be read
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, NOT_SERVING + "the serving side stopped.")
         return b""
 
@@ -289,12 +297,7 @@ class Door:
                                    f"server1's door was sent a batch of {int(announced)} images, this one {batch}")
                 stored = True
                 _run(client.session, client.put, 5000, {client.share: share})
-                session, client_id, batch_size, put = self._request_graph(owner)
-                try:
-                    _run(session, put, 5000, {client_id: queue_id, batch_size: batch})
-                except tf.errors.OpError:
-                    raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                                   NOT_SERVING + "the serving side stopped. Ask again once it serves.") from None
+                self._put_request(owner, queue_id, batch)
             else:
                 stored = True
                 _run(client.session, client.put, 5000, {client.share: share, client.batch: batch})
