@@ -3,6 +3,7 @@
 Everything in the package goes through here, so the checks below run before any
 secret is made.
 """
+import linecache
 import logging
 import os
 import sys
@@ -20,6 +21,24 @@ if sys.version_info[:2] not in {(3, 8), (3, 9), (3, 10)}:
     )
 
 import tensorflow as tf  # noqa: E402
+from tensorflow.python.autograph.pyct import loader as _autograph_loader  # noqa: E402
+
+
+def _load_source_leaving_no_file(source, delete_on_exit, _load=_autograph_loader.load_source):
+    """Autograph's loader, without the file it leaves in the temporary folder.
+
+    Autograph writes each function it converts to ``__autograph_generated_file*.py`` there and removes it
+    only at a clean exit: every process killed (a kernel shut down by nbval, a serving process ended by a
+    test or a teacher) left its files, hundreds a day. Once imported, the module needs no file: its source
+    stays in ``linecache``, so tracebacks and ``inspect`` still show it.
+    """
+    module, file_name = _load(source, delete_on_exit=False)
+    linecache.cache[file_name] = (len(source), None, source.splitlines(True), file_name)
+    os.remove(file_name)
+    return module, file_name
+
+
+_autograph_loader.load_source = _load_source_leaving_no_file
 
 REQUIRED_TF = "2.9.1"
 if tf.__version__ != REQUIRED_TF:

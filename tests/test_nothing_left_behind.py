@@ -1,0 +1,30 @@
+"""Nothing a process of the series leaves behind stays: not on disk, not in the servers' memory."""
+import os
+import signal
+import subprocess
+import sys
+
+TRACES_AND_IS_KILLED = """
+import os, signal
+from private_predictions._tf import tf
+
+@tf.function
+def converted(x):  # autograph converts this function: Python's if becomes a graph condition
+    if x > 0:
+        return x * 2
+    return x
+
+print(int(converted(tf.constant(3))), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # as nbval ends a kernel, or a test a serving process
+"""
+
+
+def test_a_process_that_traces_and_is_killed_leaves_no_autograph_file(tmp_path):
+    script = tmp_path / "traces.py"  # autograph needs the function's source in a file
+    script.write_text(TRACES_AND_IS_KILLED)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    done = subprocess.run([sys.executable, str(script)], env=dict(os.environ, TMPDIR=str(temporary)),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL and done.stdout == "6\n", done.stderr[-2000:]
+    assert list(temporary.iterdir()) == []
