@@ -21,13 +21,23 @@ $python -m private_predictions.series --stages --language en --language es | whi
         $python -m pytest $nbval $kernel "$notebook" </dev/null &
         pids+=($!)
     done
+    # In a stage of several, the first notebook (02) serves in its last cell until it is interrupted:
+    # once the others (03) have passed, its kernel (a child of its pytest) gets SIGINT, as a learner
+    # ends serving with ■. Once one notebook fails, the others are stopped at once instead of waiting
+    # for their cell's timeout. (SIGINT would not stop a pytest: background jobs ignore it.)
+    running=("${pids[@]}")
     failed=0
-    for _ in "${pids[@]}"; do
-        if ! wait -n; then
-            # 02 serves until 03 says it is done: once one notebook of a stage fails, the others
-            # are stopped, instead of waiting for their cell's timeout.
-            [ "$failed" = 1 ] || kill -TERM "${pids[@]}" 2>/dev/null || true
+    while [ "${#running[@]}" -gt 0 ]; do
+        status=0
+        wait -n -p finished "${running[@]}" || status=$?
+        left=()
+        for pid in "${running[@]}"; do [ "$pid" = "$finished" ] || left+=("$pid"); done
+        running=("${left[@]+"${left[@]}"}")
+        if [ "$status" != 0 ] && [ "$failed" = 0 ]; then
             failed=1
+            [ "${#running[@]}" = 0 ] || kill -TERM "${running[@]}" 2>/dev/null || true
+        elif [ "$failed" = 0 ] && [ "${#pids[@]}" -gt 1 ] && [ "${running[*]}" = "${pids[0]}" ]; then
+            pkill -INT -P "${pids[0]}" || true
         fi
     done
     [ "$failed" = 0 ]

@@ -159,8 +159,11 @@ else:
     call = lambda: LocalCluster.start(config_path=config_path)
 print("waiting", flush=True)
 try:
-    call()
-    print("returned", flush=True)
+    result = call()
+    if getattr(result, "interrupted", False):  # serve() ends when interrupted, and returns how it ended
+        print("interrupted", time.time(), flush=True)
+    else:
+        print("returned", flush=True)
 except KeyboardInterrupt:
     print("interrupted", time.time(), flush=True)
 sys.stdin.readline()  # the test has made the other side ready

@@ -72,3 +72,17 @@ def test_a_failing_notebook_ends_its_stage_at_once(tmp_path):
     with pytest.raises(Exception, match="the client failed"):
         execute_stage([str(waits), str(fails)], tmp_path / "out")
     assert time.monotonic() - start < 60
+
+
+def test_the_serving_notebook_is_interrupted_once_the_others_are_done(tmp_path):
+    # As a learner ends 02's last cell (■) once 03 is done: without it, the stage would wait 300 s.
+    serves, asks, ready = tmp_path / "serves.ipynb", tmp_path / "asks.ipynb", tmp_path / "serving"
+    serving = (f"import pathlib, time\ntry:\n    pathlib.Path({str(ready)!r}).touch()\n    time.sleep(300)\n"
+               "except KeyboardInterrupt:\n    print('stopped: interrupted')")
+    asking = f"import os, time\nwhile not os.path.exists({str(ready)!r}):\n    time.sleep(0.1)"  # as 03 waits for 02
+    for path, code in ((serves, serving), (asks, asking)):
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)]), path)
+    start = time.monotonic()
+    served, asked = execute_stage([str(serves), str(asks)], tmp_path / "out")
+    assert time.monotonic() - start < 60
+    assert nbformat.read(served, as_version=4).cells[0].outputs[0]["text"] == "stopped: interrupted\n"

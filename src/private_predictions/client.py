@@ -39,9 +39,11 @@ from .paths import CARD_PATH, shown  # noqa: E402
 SERVICE = "private_predictions.Door"
 ASK, HELLO = f"/{SERVICE}/Ask", f"/{SERVICE}/Hello"
 DONE = f"/{SERVICE}/Done"  # to server0's door only, with batch 0: "this client has no more questions"
+COSTS = f"/{SERVICE}/Costs"  # to server0's door only: what the model owner publishes about a batch size (JSON)
 WORD = np.dtype("<i8")
 DOORS = ("server0", "server1")
 NOT_SERVING = "not serving: "  # how a door's refusal starts when nobody serves the model right now
+NOT_PUBLISHED = "not published: "  # ... when nothing is published yet about the batch size asked
 QUICK_SECONDS = 10.0
 # Ping a door every 2 s while waiting: a door that went silent (cable, Wi-Fi, sleep) is noticed
 # within seconds instead of at the query's deadline. The doors accept pings that often.
@@ -72,6 +74,15 @@ class ServingStoppedError(RuntimeError):
 def door_name(server: str) -> str:
     """The name in a door's certificate: the card pins the certificate, whatever address it is reached at."""
     return f"{server}.door.private-predictions"
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What the model owner publishes about a batch size: what the plaintext model takes on its machine,
+    and how many bytes the three servers send each other to answer a query of that size."""
+    batch: int  # the size the servers compute at: the batch asked, padded up to 1, 8, 32 or 64
+    plaintext_seconds: Optional[float]  # None if the model owner did not time it
+    servers_bytes: int
 
 
 @dataclass(frozen=True)
@@ -169,7 +180,7 @@ class PrivateClient:
             channel = grpc.secure_channel(card.doors[server]["address"], credentials, options=CHANNEL_OPTIONS + [
                 ("grpc.ssl_target_name_override", door_name(server))])
             self._channels[server] = channel
-            self._stubs[server] = {method: channel.unary_unary(method) for method in (ASK, HELLO, DONE)}
+            self._stubs[server] = {method: channel.unary_unary(method) for method in (ASK, HELLO, DONE, COSTS)}
         # Names this client's queues on the servers (with the token); fresh after any failure, so a late
         # answer to an abandoned query can never be taken for the next one's.
         self._client_id = new_client_id()
@@ -249,6 +260,13 @@ class PrivateClient:
                     waiting_said = True
                 time.sleep(0.2)
 
+    def published_costs(self, batch: int, timeout: float = QUICK_SECONDS) -> Costs:
+        """What the model owner publishes about batches of ``batch`` images (asked of server0's door)."""
+        self._check_open()
+        call = self._stubs["server0"][COSTS].future(b"", metadata=self._metadata(batch), timeout=timeout)
+        answer = self._collect({"server0": call}, time.monotonic() + timeout)["server0"]
+        return Costs(**json.loads(answer))
+
     def predict(self, images: np.ndarray, timeout: float = 120.0) -> np.ndarray:
         """Private class probabilities: the softmax is applied here, on the client."""
         return softmax(self.predict_logits(images, timeout))
@@ -322,6 +340,8 @@ class PrivateClient:
             return NotAdmittedError(f"{server}'s door refused: {details}")
         if code == grpc.StatusCode.FAILED_PRECONDITION and details.startswith(NOT_SERVING):
             return ServingStoppedError(details[len(NOT_SERVING):])
+        if code == grpc.StatusCode.FAILED_PRECONDITION and details.startswith(NOT_PUBLISHED):
+            return LookupError(details[len(NOT_PUBLISHED):])
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
             return RequestRefusedError(f"{server}'s door refused this request: {details}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -27,6 +27,7 @@ and forgets it: a late answer fails there instead of waiting for a reader, and t
 draws a new id.
 """
 import hashlib
+import json
 import re
 import sys
 import threading
@@ -44,12 +45,12 @@ from tensorflow.python.ops import gen_data_flow_ops as queue_ops
 from ._tf import tf
 from .admission import AdmissionError, Gate, admissions_path, certificate_path, digest
 from .certificates import fingerprint, make_certificate
-from .client import ASK, DONE, HELLO, NOT_SERVING, WORD
+from .client import ASK, COSTS, DONE, HELLO, NOT_PUBLISHED, NOT_SERVING, WORD
 from .config import ClusterConfig
 from .protocol import tfe_config
 from .data import IMAGE_SHAPE, NUM_CLASSES
-from .queues import (MAX_BATCH_SIZE, NOBODY, SERVING_SILENCE, ServingLease, arrival_queue,
-                     input_queues, output_queue, request_queue)
+from .queues import (MAX_BATCH_SIZE, NOBODY, SERVING_SILENCE, PublishedCosts, ServingLease, arrival_queue,
+                     bucket_of, input_queues, output_queue, request_queue)
 
 PARTNER_SECONDS = 10.0  # how long server0's door waits for server1's to say the other share is in
 LONGEST_WAIT = 600.0  # for an answer, whatever the client's deadline
@@ -142,8 +143,9 @@ class Door:
                                 options=SERVER_OPTIONS, maximum_concurrent_rpcs=256)
         methods = {ASK: grpc.unary_unary_rpc_method_handler(self._ask),
                    HELLO: grpc.unary_unary_rpc_method_handler(self._hello)}
-        if self.index == 0:  # the request queue, where a goodbye goes, is on server0
+        if self.index == 0:  # the request queue, where a goodbye goes, and the published costs are on server0
             methods[DONE] = grpc.unary_unary_rpc_method_handler(self._done)
+            methods[COSTS] = grpc.unary_unary_rpc_method_handler(self._costs)
         self.grpc.add_generic_rpc_handlers([_Handlers(self.gate, methods)])
         if self.grpc.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, self.certificate)])) == 0:
             raise OSError(f"{server}'s door cannot listen on {host}:{port}: is that port taken, or not an "
@@ -159,9 +161,11 @@ class Door:
     # -- the servers' side -------------------------------------------------------------------------
 
     def _lease_graph(self):
+        """A session that reads, on server0, who serves (the lease) and what the serving side published."""
         graph = tf.Graph()
         with graph.as_default(), tf.device(self.server0):
             lease = ServingLease(self.server0)._current()
+            self._published = PublishedCosts(self.server0).current()
         return tf.compat.v1.Session(self.target, graph=graph), lease
 
     def _serving(self) -> str:
@@ -253,6 +257,25 @@ class Door:
         except _Refusal as refusal:
             context.abort(refusal.code, str(refusal))
         return b""
+
+    def _costs(self, request: bytes, context) -> bytes:
+        """What the serving side published about the batch size the client announced (its padded size):
+        the plaintext model's time on the model owner's machine and the bytes the servers send each other."""
+        try:
+            _, _, batch = self._check(context, count_images=False, cost=1)
+            if not 1 <= batch <= MAX_BATCH_SIZE:
+                raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"the batch size must be 1 to {MAX_BATCH_SIZE}")
+            bucket = bucket_of(batch)
+            published = json.loads(_run(self._lease_session, self._published, 5000).decode()).get(str(bucket))
+            if published is None:
+                raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION, NOT_PUBLISHED + f"nothing is published about "
+                               f"batches of {batch} yet: the servers measure a batch size when they first answer "
+                               "one. Ask a query of that size first.")
+        except _Refusal as refusal:
+            context.abort(refusal.code, str(refusal))
+        except tf.errors.OpError:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the servers could not be read; ask again in a moment")
+        return json.dumps(dict(published, batch=bucket)).encode()
 
     def _done(self, request: bytes, context) -> bytes:
         """A client's goodbye: a request of no images and no shares, which the serving side reads as

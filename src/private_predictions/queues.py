@@ -27,7 +27,15 @@ CAPACITY = 64
 # Larger batches gain little speed (a few per cent from 32 to 128) and cost the servers memory
 # (up to 1.7 GiB each at 128, measured): 64 keeps a benchmark's processes under 6 GB together.
 MAX_BATCH_SIZE = 64
+# Every batch is padded up to one of these sizes, so the network is traced into a graph at most
+# four times (tracing SecureNN takes seconds), whatever sizes clients send.
+BATCH_BUCKETS = (1, 8, 32, MAX_BATCH_SIZE)
 REQUEST_DTYPES = (tf.string, tf.int64)  # client id, batch size
+
+
+def bucket_of(batch: int) -> int:
+    """The size a batch of ``batch`` images is padded to, and computed at."""
+    return next(size for size in BATCH_BUCKETS if size >= batch)
 
 
 class SharedQueue:
@@ -313,3 +321,31 @@ class ServingLease:
 
     def release(self, me: str) -> None:
         self._renew(tf.constant(me), tf.constant(True))
+
+
+class PublishedCosts:
+    """What the serving side publishes for clients, on server0: for each batch size it has built its
+    computation for, the plaintext model's time on the model owner's machine and the bytes the servers
+    send each other (a JSON text). server0's door hands it to admitted clients."""
+
+    def __init__(self, device: str):
+        with tf.device(device):
+            self._text = gen_resource_variable_ops.var_handle_op(
+                dtype=tf.string, shape=[], shared_name=f"{PREFIX}/serving/costs")
+        self._device = device
+        self._write = tf.function(self._write_on_server)
+
+    def _write_on_server(self, text):
+        with tf.device(self._device):
+            written = gen_resource_variable_ops.assign_variable_op(self._text, text)
+            with tf.control_dependencies([written]):
+                return tf.constant(True)
+
+    def current(self):
+        """The text as a graph op (for the door's session): "{}" until something is published."""
+        initialized = gen_resource_variable_ops.var_is_initialized_op(self._text)
+        return tf.cond(initialized, lambda: gen_resource_variable_ops.read_variable_op(self._text, tf.string),
+                       lambda: tf.constant("{}"))
+
+    def write(self, text: str) -> None:
+        self._write(tf.constant(text))

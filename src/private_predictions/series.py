@@ -1,22 +1,25 @@
 """Run the tutorial series headless: ``python -m private_predictions.series [--language es] [OUTPUT_DIR]``.
 
 Notebook 01 runs first (it writes the model); 02 and 03 then run at the same time,
-each in its own kernel, as a reader runs them: one serving, the other querying. The
-Spanish twins live in ``notebooks/es`` and run the same way.
+each in its own kernel, as a reader runs them: one serving, the other querying. Once 03
+is done, 02's last cell, which serves until interrupted, is interrupted, as a reader ends
+it (■). The Spanish twins live in ``notebooks/es`` and run the same way.
 """
 import argparse
 import os
 import signal
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 from .paths import REPO_ROOT
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 # Each inner list runs concurrently; the stages run one after another. Paths are relative to
-# NOTEBOOK_DIR. The two languages never run at the same time: both would serve from cluster.json.
+# NOTEBOOK_DIR. In a stage of several, the first serves until the others are done, and is then
+# interrupted (scripts/test.sh does the same). The two languages never run at the same time: both
+# would serve from cluster.json.
 NOTEBOOK_STAGES = {
     "en": [["01_public_training.ipynb"],
            ["02_secure_serving.ipynb", "03_private_prediction.ipynb"]],
@@ -31,12 +34,23 @@ class StageStopped(RuntimeError):
     """Another notebook of the stage failed: this one was stopped."""
 
 
+def interrupt(client) -> None:
+    """What Jupyter's "Interrupt the kernel" sends (client.km's own call is a coroutine)."""
+    pid = getattr(getattr(client.km, "provisioner", None), "pid", None)
+    if pid:
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass  # it has ended already
+
+
 def execute_stage(stage, output_dir: Path):
     """Execute the stage's notebooks at the same time; return their output paths.
 
-    02 serves until 03 says it is done: when one notebook fails, the others stop (a running
-    cell is interrupted, no further cell starts), so the stage ends at once instead of at
-    the serve cell's timeout.
+    The first notebook of a stage of several (02) serves in its last cell until it is interrupted:
+    once the others (03) are done, it is, as a reader would end it (■). When one notebook fails,
+    the others stop (a running cell is interrupted, no further cell starts), so the stage ends
+    at once instead of at the serve cell's timeout.
     """
     clients, failed, causes = {}, threading.Event(), []
 
@@ -53,16 +67,16 @@ def execute_stage(stage, output_dir: Path):
                 causes.append(error)
             failed.set()
             for other, client in list(clients.items()):
-                pid = getattr(getattr(client.km, "provisioner", None), "pid", None)
-                if other != name and pid:
-                    try:  # what Jupyter's "Interrupt the kernel" sends (client.km's own call is a coroutine)
-                        os.kill(pid, signal.SIGINT)
-                    except ProcessLookupError:
-                        pass  # it has ended already
+                if other != name:
+                    interrupt(client)
             raise
 
     with ThreadPoolExecutor(len(stage)) as pool:
         running = [pool.submit(execute, name) for name in stage]
+        if len(stage) > 1:
+            wait(running[1:])
+            if not failed.is_set():  # the clients are done: end the serving, as its reader would
+                interrupt(clients[stage[0]])
     if causes:
         raise causes[0]  # the notebook that failed first: the others were stopped because of it
     return [future.result() for future in running]

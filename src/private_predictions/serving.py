@@ -1,11 +1,16 @@
 """Server side: secret-share a Keras model across the cluster and serve private queries."""
 import gc
+import json
 import re
+import signal
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
 
 from tensorflow.python.ops import gen_data_flow_ops as queue_ops
 
@@ -13,15 +18,14 @@ from ._tf import tf, tfe
 from .config import ClusterConfig
 from .data import IMAGE_SHAPE
 from .network import SecretNetwork
-from .queues import (MAX_BATCH_SIZE, NOBODY, REQUEST_DTYPES, SERVING_SILENCE, ClientQueues, ServingLease,
-                     request_queue, shares_waiting, someone_serves, take_request, take_waiting)
+from .queues import (BATCH_BUCKETS, MAX_BATCH_SIZE, NOBODY, REQUEST_DTYPES, SERVING_SILENCE, ClientQueues,
+                     PublishedCosts, ServingLease, bucket_of, request_queue, shares_waiting, someone_serves,
+                     take_request, take_waiting)
+from .traffic import crossings
 from .value_range import fitting
 from .waiting import WATCH_INTERVAL, BackgroundCall, bounded, wait_for
 from .watch import ServerUnreachableError, ServerWatch, first_dead_server
 
-# Every batch is padded up to one of these sizes, so the network is traced into a graph
-# at most four times (tracing SecureNN takes seconds), whatever sizes clients send.
-BATCH_BUCKETS = (1, 8, 32, MAX_BATCH_SIZE)
 # How long serving waits for a server whose host went silent to come back: short enough that
 # the serving side still stops, naming it, within 15 s of the outage when it does not.
 OUTAGE_GRACE_SECONDS = 10.0
@@ -36,6 +40,32 @@ RESTART_ADVICE = ("Serving cannot go on. If that server's process died, the serv
 
 # What _Session._next returns for a client's goodbye, instead of what happened to a query.
 CLIENT_DONE = object()
+PLAINTEXT_RUNS = 9  # the plaintext model's published time is the median of this many runs
+
+
+class Served(NamedTuple):
+    """How a run of :meth:`SecureModel.serve` ended."""
+    queries: int  # answered or refused
+    interrupted: bool  # by Ctrl-C, or Jupyter's "Interrupt the kernel"
+
+
+class _Interrupted(Exception):
+    """The serving was interrupted: it ends once the request in hand is answered and reported."""
+
+
+@contextmanager
+def _interrupt_ends_serving(interrupted: threading.Event):
+    """While serving in the main thread, Ctrl-C (or "Interrupt the kernel") sets ``interrupted``
+    instead of raising wherever the thread happens to be: serving then ends between two steps,
+    so that no answered query goes unreported and the report is the same on every run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda number, frame: interrupted.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class ServingConflictError(RuntimeError):
@@ -45,15 +75,18 @@ class ServingConflictError(RuntimeError):
 class SecureModel:
     """A Keras model whose weights exist only as secret shares on the servers."""
 
-    def __init__(self, protocol, network: SecretNetwork, value_bound: float, divisor: int = 1):
+    def __init__(self, protocol, network: SecretNetwork, value_bound: float, divisor: int = 1, plaintext=None):
         self.protocol = protocol
         self.network = network
         self.value_bound = value_bound  # proven: no value inside the network is larger, for any image
         self.divisor = divisor  # the servers compute every value divided by this (value_range.fitting)
+        self.plaintext = plaintext  # the Keras model, timed for the costs published to clients
         self.servers = ServerWatch(ClusterConfig(dict(tfe.get_config().hostmap)), RESTART_ADVICE)
         self._answer_functions = {}
         self._clients = OrderedDict()
         self.lease = self._quick(ServingLease, protocol.server_0.device_name)
+        self.published = self._quick(PublishedCosts, protocol.server_0.device_name)
+        self.costs = {}  # batch size -> what was published about it
 
     def _quick(self, function, *args):
         return bounded(function, *args, timeout=QUICK_CALL_SECONDS, watches=[self.servers.check],
@@ -87,6 +120,8 @@ class SecureModel:
             client_id, batch = tf.cond(
                 take_next, lambda: tuple(queue_ops.queue_dequeue_v2(requests, list(REQUEST_DTYPES))),
                 lambda: (tf.identity(given_client), tf.identity(given_batch)))
+            client_id.set_shape([])
+            batch.set_shape([])
             smaller = max([0] + [size for size in BATCH_BUCKETS if size < bucket])
             ready = [tf.equal(client_id, expected_client), batch > smaller, batch <= bucket]
         for input_queue, server in ((input0, protocol.server_0), (input1, protocol.server_1)):
@@ -99,7 +134,33 @@ class SecureModel:
             answered = tf.cond(tf.reduce_all(tf.stack(ready)),
                                lambda: self._compute(bucket, input0, input1, output0, output1, batch),
                                lambda: tf.constant(False))
+        self._publish(bucket, tf.compat.v1.get_default_graph())
         return client_id, batch, answered
+
+    def _publish(self, bucket: int, graph) -> None:
+        """Publish for clients what a batch of ``bucket`` images costs: the plaintext model's time here, and
+        the bytes the servers send each other (counted on ``graph``, the computation being built).
+
+        Called while the bucket's computation is first built, so before it first answers: a client that
+        has been answered can always read the costs of its batch size.
+        """
+        with tf.init_scope():  # runs now, on this process and server0, not as part of the computation
+            self.costs[bucket] = {"plaintext_seconds": self._plaintext_seconds(bucket),
+                                  "servers_bytes": sum(crossings(graph).values())}
+            self.published.write(json.dumps(self.costs))
+
+    def _plaintext_seconds(self, bucket: int) -> Optional[float]:
+        """The median time of the plaintext Keras model on a batch of ``bucket`` images, on this machine."""
+        if self.plaintext is None:
+            return None
+        call, images = tf.function(self.plaintext), tf.zeros((bucket,) + IMAGE_SHAPE)
+        call(images)  # built once for this size, as the private computation is
+        seconds = []
+        for _ in range(PLAINTEXT_RUNS):
+            start = time.perf_counter()
+            call(images).numpy()
+            seconds.append(time.perf_counter() - start)
+        return float(np.median(seconds))
 
     def _compute(self, bucket, input0, input1, output0, output1, batch):
         protocol = self.protocol
@@ -139,24 +200,32 @@ class SecureModel:
         return self._clients[client_id]
 
     def serve(self, num_requests: Optional[int] = None, timeout: Optional[float] = None,
-              report: Optional[Callable[[str], None]] = print, until_done: bool = False) -> None:
+              report: Optional[Callable[[str], None]] = print, until_done: bool = False) -> Served:
         """Answer private queries: ``num_requests`` of them, or (None) until interrupted.
 
-        ``until_done=True`` also stops when a client says it is done (``PrivateClient.done()``):
-        for a model served to one learner (notebook 02). A class's or an operator's serving
-        leaves it False: one client's goodbye must not end the others' service. ``timeout``
-        limits the wait for each request (None: however long it takes). Refuses at once if
-        another serving side serves this cluster. Returns once every client has collected its
+        An interrupt (Ctrl-C, or Jupyter's "Interrupt the kernel") ends serving once the request in
+        hand is answered, and returns; so does a client's goodbye (``PrivateClient.done()``) with
+        ``until_done=True``, for a program that serves one client. A class's or an operator's serving
+        leaves it False: one client's goodbye must not end the others' service. ``timeout`` limits
+        the wait for each request (None: however long it takes). Refuses at once if another serving
+        side serves this cluster. Unless interrupted, returns once every client has collected its
         results, so the servers can be stopped right after without cutting off a client.
         """
         with _Session(self, report or (lambda line: None)) as session:
-            session.run(num_requests, timeout, until_done)
+            return session.run(num_requests, timeout, until_done)
+
+    def __enter__(self) -> "SecureModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         """Delete the weight shares from the servers; the model cannot serve afterwards.
 
-        Call it before stopping the servers: otherwise Python deletes the shares only
-        when it exits, after the servers are gone, and complains on the way out.
+        Call it before stopping the servers (or use the model in a ``with`` block): otherwise
+        Python deletes the shares only when it exits, after the servers are gone, and
+        complains on the way out.
         """
         self.network = None
         self._answer_functions.clear()
@@ -175,6 +244,7 @@ class _Session:
         # (client id, bucket) of the client answered last: its next request is answered on arrival.
         self.expected = self._listening_for = None
         self._stopped = threading.Event()
+        self._interrupted = threading.Event()  # set by Ctrl-C while serving (_interrupt_ends_serving)
         self._taken_over = None
         self.answered = set()
 
@@ -224,6 +294,8 @@ class _Session:
                 return
 
     def check_lease(self) -> None:
+        """The watch of every wait while serving: an interrupt, a server gone, or the lease lost ends it."""
+        self._check_interrupt()
         self.model.servers.check()
         if self._taken_over is not None:
             raise ServingConflictError("Another serving side took over this cluster; this one stops. "
@@ -238,38 +310,44 @@ class _Session:
                 pass  # a server is gone: clients will notice that too
         self._heartbeat.join(2.0)
 
-    def run(self, num_requests: Optional[int], timeout: Optional[float], until_done: bool) -> None:
+    def run(self, num_requests: Optional[int], timeout: Optional[float], until_done: bool) -> Served:
         of_total = "" if num_requests is None else f"/{num_requests}"
         how_long = "" if timeout is None else f", waiting up to {timeout:.0f} s for each"
-        if num_requests is None and until_done:
-            self.report(f"Serving until the client says it is done (notebook 03's cell \"Say you are done\"), or "
-                        f"until you interrupt the kernel{how_long}. Run notebook 03 (private prediction) now.")
-        else:
-            how_many = "until interrupted" if num_requests is None else f"{num_requests} queries"
-            self.report(f"Serving {how_many}{how_long}: run notebook 03 (private prediction) now.")
+        how_many = "until interrupted (■ in Jupyter, Ctrl-C in a terminal)" if num_requests is None \
+            else f"{_queries(num_requests)}"
+        self.report(f"Serving {how_many}{how_long}. Clients may ask now (notebook 03).")
         number = 0
-        try:
-            while num_requests is None or number < num_requests:
-                try:
-                    outcome = self._next(timeout)
-                except ServerUnreachableError as error:
-                    self._ride_out(error)
-                    continue
-                if outcome is CLIENT_DONE:
-                    if until_done:
-                        self.report(f"The client said it is done: stopped serving after {_queries(number)}.")
-                        break
-                    continue
-                number += 1
-                self.report(f"Request {number}{of_total}: {outcome}")
-        except KeyboardInterrupt:
-            self.report(f"Stopped serving after {_queries(number)}: interrupted. The servers still hold the model: "
-                        "serve again to go on.")
-            raise
-        if self.dropped:
-            self.report(f"Dropped {self.dropped} requests that had no shares behind them: this series' "
-                        "clients never send those.")
-        self._wait_until_collected(timeout)
+        with _interrupt_ends_serving(self._interrupted):
+            try:
+                while num_requests is None or number < num_requests:
+                    try:
+                        outcome = self._next(timeout)
+                    except ServerUnreachableError as error:
+                        self._ride_out(error)
+                        continue
+                    if outcome is CLIENT_DONE:
+                        if until_done:
+                            self.report(f"The client said it is done: stopped serving after {_queries(number)}.")
+                            break
+                        continue
+                    number += 1
+                    self.report(f"Request {number}{of_total}: {outcome}")
+                    self._check_interrupt()
+            except _Interrupted:
+                self.report(f"Stopped serving after {_queries(number)}: interrupted.")
+                return Served(number, interrupted=True)
+            if self.dropped:
+                self.report(f"Dropped {self.dropped} requests that had no shares behind them: this series' "
+                            "clients never send those.")
+            try:
+                self._wait_until_collected(timeout)
+            except _Interrupted:
+                pass  # asked to stop now: the clients still waiting are told that serving stopped
+        return Served(number, interrupted=self._interrupted.is_set())
+
+    def _check_interrupt(self) -> None:
+        if self._interrupted.is_set():
+            raise _Interrupted
 
     def _ride_out(self, error: ServerUnreachableError) -> None:
         """Go on serving if a server that went silent answers again within the grace; else raise ``error``.
@@ -285,6 +363,7 @@ class _Session:
         while first_dead_server(self.model.servers.config) is not None:
             if time.monotonic() > deadline:
                 raise error
+            self._check_interrupt()
             time.sleep(0.2)
         self.report(f"{error.name} answers again: serving goes on.")
 
@@ -366,7 +445,7 @@ class _Session:
 
     def _answered(self, client_id: str, batch: int) -> str:
         self.answered.add(client_id)
-        self.expected = (client_id, next(size for size in BATCH_BUCKETS if size >= batch))
+        self.expected = (client_id, bucket_of(batch))
         images = "image" if batch == 1 else "images"
         return f"answered a private batch of {batch} {images}"
 
@@ -403,7 +482,7 @@ class _Session:
             raise self.model.servers.explain(error) from None
 
     def _answer(self, client_id: str, batch: int) -> Optional[str]:
-        bucket = next(size for size in BATCH_BUCKETS if size >= batch)
+        bucket = bucket_of(batch)
         queues = self.model._queues_of(client_id)
         try:
             if not self._call(self._run_answer, bucket, False, client_id, batch, queues)[2]:
@@ -423,6 +502,7 @@ class _Session:
             if time.monotonic() > deadline:
                 self.report("Some results were not collected in time: their clients are gone.")
                 return
+            self._check_interrupt()
             time.sleep(0.05)
 
 
@@ -437,7 +517,7 @@ def share_model(keras_model, protocol) -> SecureModel:
     [0, 1]; computes at a smaller scale a model slightly too large for the fixed-point
     encoding, and refuses (ValueRangeError) one that is far too large.
     """
-    return SecureModel(protocol, *secret_network(keras_model, protocol))
+    return SecureModel(protocol, *secret_network(keras_model, protocol), plaintext=keras_model)
 
 
 def secret_network(keras_model, protocol):

@@ -37,10 +37,12 @@ def main(argv=None) -> None:
         print(line, flush=True)
 
     try:
-        secure_model.serve(args.requests, args.timeout, report=report, until_done=args.until_done)
+        served = secure_model.serve(args.requests, args.timeout, report=report, until_done=args.until_done)
     except (ServerUnreachableError, ServingConflictError) as error:
         sys.exit(f"{STOPPED}: {error}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before serving began
+        sys.exit(f"{STOPPED}: interrupted")
+    if served.interrupted:
         sys.exit(f"{STOPPED}: interrupted")
 
 

@@ -107,9 +107,9 @@ def serve_class(names, folder: Path, address: str, base_port, per_minute) -> Non
             print("Students: pip install -r requirements-client.txt, save the card as card.json at the top of "
                   "the repository, run notebook 03.\nPress Ctrl-C to stop serving (the cards then open nothing).",
                   flush=True)
-            try:
+            try:  # Ctrl-C ends serve() itself, which says so
                 secure_model.serve(None, timeout=None, report=lambda line: print(line, flush=True))
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # SIGTERM (kill, a service manager), or Ctrl-C before serving began
                 print("Stopped serving.")
             secure_model.close()
         finally:
