@@ -15,7 +15,7 @@ READMES = (ENGLISH, SPANISH)
 MAX_README_CHARS = 10_000
 
 # A Spanish page stands for its English twin when the two READMEs' links are compared.
-DOC_TWINS = {"docs/es/ensenar.md": "docs/teaching.md"}
+DOC_TWINS = {"docs/es/ensenar.md": "docs/teaching.md", "docs/es/glosario.md": "docs/glossary.md"}
 
 FENCE = re.compile(r"^```.*?^```[^\n]*$", re.MULTILINE | re.DOTALL)
 LINK = re.compile(r"\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)\)")

@@ -1,8 +1,9 @@
 """The worked solutions (docs/solutions.md, docs/es/soluciones.md) run, as a learner would run them.
 
 Each code block starts with a comment naming its notebook; it runs in a kernel that has run that
-notebook's own cells, against servers of the test's own, in the order a learner would take: the
-serve cell interrupted for exercise 02.3, the client revoked and admitted again for 02.4.
+notebook's own cells, against servers of the test's own, in the order a learner alone would take:
+02 run to its last cell, which serves; 03 run whole, then its exercises; then 02 interrupted, which
+stops the servers; then 02's exercises, which need no servers.
 """
 import ast
 import builtins
@@ -43,7 +44,7 @@ def test_every_exercise_has_a_solution_in_both_languages():
     for number, path in by_number(NOTEBOOK_DIR).items():
         last = source(cells(path)[-1])
         exercises |= {f"{number}.{n}" for n in numbered.findall(last.split("## Exercises")[1])}
-    assert len(exercises) == 11
+    assert len(exercises) == 14
     for path in SOLUTIONS.values():
         assert set(EXERCISE.findall(path.read_text())) == exercises, path.name
 
@@ -124,12 +125,6 @@ class Kernel:
     def run(self, code: str, timeout: float = 300) -> str:
         return self.finish(self.start(code), timeout)
 
-    def interrupted(self, started: str) -> str:
-        self.manager.interrupt_kernel()
-        with pytest.raises(AssertionError, match="KeyboardInterrupt") as caught:
-            self.finish(started, 30)
-        return str(caught.value)
-
     def stop(self):
         self.client.stop_channels()
         self.manager.shutdown_kernel(now=True)
@@ -171,38 +166,30 @@ def test_the_solutions_to_notebook_01_run(home):
 def test_the_solutions_to_notebooks_02_and_03_run(home):
     owner, client = Kernel(home), Kernel(home)
     try:
-        for code in notebook_code("02", until=".serve("):
+        serve_cell = notebook_code("02")[-1]
+        assert ".serve()" in serve_cell
+        for code in notebook_code("02")[:-1]:
             owner.run(code)
-        for exercise, code in blocks_of("02"):
-            if exercise in ("02.1", "02.2"):
-                print(exercise, owner.run(code))
-        serving = owner.start("secure_model.serve(until_done=True)")
-        for code in notebook_code("03", until=".done()"):
+        serving = owner.start(serve_cell)
+        owner.finish(serving, 60, until_printed="Clients may ask now")
+        for code in notebook_code("03"):  # Run All
             client.run(code)
-        for exercise, code in blocks_of("03"):
-            if exercise.startswith("03."):
-                print(exercise, client.run(code))
+        for exercise, code in blocks_of("03"):  # then the exercises, with 02 still serving
+            print(exercise, client.run(code))
 
-        # 02.3: the serve cell interrupted; 03's next query says so at once; serving again, 03 goes on.
-        first, again = [code for exercise, _, code in solution_blocks(SOLUTIONS["en"]) if exercise == "02.3"]
-        owner.interrupted(serving)
+        # The learner ends serving (■): the serve cell ends without an error, and the servers stop.
+        owner.manager.interrupt_kernel()
+        said = owner.finish(serving, 30)
+        assert "Stopped serving after" in said and "interrupted" in said, said
+        assert "False" not in owner.run("print(all(not alive for alive in cluster.alive().values()))")
         start = time.monotonic()
-        said = client.run(first)
-        print("02.3", said, f"after {time.monotonic() - start:.1f} s")
-        assert "nobody serves the model now" in said and time.monotonic() - start < 5
-        serving = owner.start("secure_model.serve(until_done=True)")
-        owner.finish(serving, 60, until_printed="Serving until")  # as a learner sees it serve, then asks
-        assert "private prediction: 7" in client.run(again)
-        owner.interrupted(serving)
+        refused = client.run("try:\n    client.predict_logits(images[:1])\nexcept Exception as error:\n"
+                             "    print(type(error).__name__, error)")
+        print("after serving ended, 03 is told:", refused)
+        assert refused.startswith(("DoorError", "ServingStoppedError")) and time.monotonic() - start < 5
 
-        # 02.4: revoked, 03's connect waits for a new card, and takes the one 02 writes.
-        revoke, connect, admit = [code for exercise, _, code in solution_blocks(SOLUTIONS["en"]) if exercise == "02.4"]
-        owner.run(revoke)
-        connecting = client.start(connect)
-        assert "does not admit your token" in client.finish(connecting, 30, until_printed="Waiting up to")
-        owner.run(admit)
-        client.finish(connecting, 30)
-        owner.run(notebook_code("02")[-1])  # stop the servers
+        for exercise, code in blocks_of("02"):  # none needs the servers
+            print(exercise, owner.run(code))
     finally:
         owner.stop()
         client.stop()
