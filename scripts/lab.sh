@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# JupyterLab on notebooks/ (make lab). Its kernels' channels are Unix sockets in the user's own runtime
+# JupyterLab on notebooks/ (make lab), served from the repository's top, so that the notebooks' links and
+# figures in docs/ open too. Its kernels' channels are Unix sockets in the user's own runtime
 # folder, not TCP ports on loopback: other local users cannot open them, and no kernel prints "Kernel is
 # running over TCP without encryption" in a privacy course's terminal. A Unix socket's path holds at most 107 bytes,
 # and a kernel's sockets add 50 to the folder's path: under a folder too deep for that, TCP on loopback, as
@@ -15,4 +16,5 @@ as_root=()
 if [ "$(id -u)" = 0 ]; then
     as_root=(--allow-root)  # Jupyter refuses to run as root (containers, many cloud machines) unless told it may
 fi
-exec .venv/bin/jupyter lab "${as_root[@]}" --KernelManager.transport="$transport" "$@" notebooks/
+exec .venv/bin/jupyter lab "${as_root[@]}" --KernelManager.transport="$transport" --ServerApp.root_dir=. \
+    --LabApp.default_url=/lab/tree/notebooks "$@"

@@ -259,6 +259,14 @@ def test_make_labs_kernels_talk_over_unix_sockets_and_start_wherever_the_runtime
             except OSError:
                 return None  # JupyterLab not listening yet, or no kernel
         kernel_id = wait_until(start_kernel, 60, f"JupyterLab started no kernel:\n{log.read_text()[-2000:]}")
+        # The notebooks' figure and links into docs/ open in the lab, and it opens on notebooks/.
+        for path in ("files/docs/figures/parties.svg", "files/docs/glossary.md", "api/contents/notebooks/es"):
+            with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/{path}",
+                                                               headers={"Authorization": "token test"})) as got:
+                assert got.status == 200, path
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/",
+                                                           headers={"Authorization": "token test"})) as got:
+            assert got.url.endswith("/lab/tree/notebooks"), got.url
         kernel = wait_until(lambda: next((child for child in psutil.Process(lab.pid).children(recursive=True)
                                           if "ipykernel_launcher" in " ".join(child.cmdline())), None),
                             30, "the kernel did not start")
