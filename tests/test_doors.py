@@ -519,3 +519,24 @@ def test_the_doors_watch_never_closes_the_queues_of_a_wait_that_has_returned():
     wait_until(lambda: door._waits, 10, "the wait did not start")
     door._end_waits()
     assert returned == ["the answer"] and closed == []
+
+
+def test_a_client_running_its_own_code_gets_answers_for_images_in_range_only(cluster, serving, tmp_path,
+                                                                             x_test, monkeypatch):
+    # Its shares can encode any words: the servers clip every pixel to [0, 1] before the first layer, so
+    # what it learns is the model's answer on a valid image (the value-range proof holds for those only).
+    import private_predictions.client as client_module
+    from private_predictions.model import load_logits_model
+
+    monkeypatch.setattr(client_module, "validate_images", lambda images, *limits: images.astype(np.float64))
+    client = PrivateClient(card_for(cluster, tmp_path, "mallory"))
+    image = x_test[:1].astype(np.float64)
+    one_pixel_huge = image.copy()
+    one_pixel_huge[0, 14, 14, 0] = 2.0**20
+    sent = {"negated": -image, "four times": 4 * image, "one pixel at 2^20": one_pixel_huge,
+            "far below": np.full_like(image, -2.0**40)}
+    plaintext = load_logits_model()
+    for name, images in sent.items():
+        expected = plaintext(np.clip(images, 0, 1).astype(np.float32)).numpy()
+        got = client.predict_logits(images)
+        assert np.abs(got - expected).max() < TOLERANCE, name

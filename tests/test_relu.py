@@ -6,7 +6,7 @@ from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 import private_predictions.relu as relu_module
 from private_predictions import connect
 from private_predictions._tf import tf
-from private_predictions.relu import PRIME, relu
+from private_predictions.relu import PRIME, WHOLE_RING, clip, relu
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +86,41 @@ def test_what_server2_sees_does_not_depend_on_the_value(protocol, monkeypatch, v
     assert abs(others.mean() - PRIME / 2) < 1.0 and others.min() >= 1 and others.max() == PRIME - 1
 
 
-@pytest.mark.parametrize("bound_bits", [0, 63])
+@pytest.mark.parametrize("bound_bits", [0, 64])
 def test_a_bound_outside_what_64_bit_words_hold_is_refused(bound_bits):
-    with pytest.raises(ValueError, match="between 1 and 62"):
+    with pytest.raises(ValueError, match="between 1 and 63"):
         relu(None, None, bound_bits)
+
+
+def test_a_truncation_on_the_whole_ring_is_refused():
+    with pytest.raises(ValueError, match="cannot be truncated"):
+        relu(None, None, WHOLE_RING, divisor=3**10)
+
+
+WORD_EDGES = np.array([-2**63, -2**63 + 1, -2**62, -3**10 - 1, -1, 0, 1, 3**10 - 1, 3**10, 3**10 + 1, 2**62,
+                       2**63 - 1], dtype=np.int64)
+
+
+def test_exact_for_every_64_bit_word_on_the_whole_ring(protocol):
+    # What a client running its own code may send: any word at all, read as a signed number.
+    values = np.concatenate([np.tile(WORD_EDGES, 100),
+                             np.random.default_rng(2).integers(-2**63, 2**63, 3000, dtype=np.int64)])
+    result, _ = run(protocol, values, bound_bits=WHOLE_RING)
+    np.testing.assert_array_equal(result, np.maximum(values, 0))
+
+
+def test_clip_brings_every_64_bit_word_into_the_range_exactly(protocol):
+    top = 3**10  # a pixel of 1 at the encoding's scale
+    values = np.concatenate([np.tile(WORD_EDGES, 100), np.tile(np.arange(-5, top + 5), 2),
+                             np.random.default_rng(3).integers(-2**63, 2**63, 3000, dtype=np.int64)])
+
+    @tf.function
+    def compute():
+        y0, y1 = clip(protocol, shared(protocol, values), top).unwrapped
+        return y0.value, y1.value
+
+    share0, share1 = compute()
+    np.testing.assert_array_equal(share0.numpy() + share1.numpy(), np.clip(values, 0, top))
 
 
 def test_what_server2_sees_has_one_distribution_for_every_value_exhaustively_at_small_k():

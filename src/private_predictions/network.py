@@ -1,5 +1,10 @@
 """The network as the servers compute it: a Keras model's layers on secret shares.
 
+First the servers clip every pixel to [0, 1] (relu.clip, on the whole 64-bit ring): a client running
+code of its own may send any words as shares, and the value-range proof, with what answers reveal of
+the weights, covers images with pixels in [0, 1] only. A client of the series' code sends such images;
+clipping changes nothing for them.
+
 Three choices make it cheaper than running the same layers through tf-encrypted's Keras layers,
 without changing what anyone learns:
 
@@ -21,7 +26,7 @@ import numpy as np
 from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 
 from ._tf import tf
-from .relu import relu
+from .relu import clip, relu
 from .truncation import truncate
 from .value_range import kernel_and_bias, servers_factors
 
@@ -82,7 +87,7 @@ class SecretNetwork:
     def __call__(self, x: PondPrivateTensor) -> PondPrivateTensor:
         """The network's output for ``x`` (NHWC, at the encoding's scale), at the same scale."""
         protocol = self.protocol
-        x = protocol.transpose(x, perm=NCHW)
+        x = protocol.transpose(clip(protocol, x, self.scale), perm=NCHW)  # a pixel of 1 is the scale
         doubled = False  # whether x still carries the scale twice (an untruncated product)
         for kind, index, layer in self.steps:
             if kind in ("Conv2D", "Dense"):

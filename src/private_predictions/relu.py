@@ -29,9 +29,11 @@ from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 from ._tf import tf
 from .masking import WORDS, open_masked
 from .masking import uniform as _uniform
-from .truncation import deal_wrap_material, offset, quotient_share, seeded_wrap_shares
+from .truncation import deal_wrap_material, offset, quotient_share, seeded_wrap_shares, word
 
-PRIME = 67  # larger than k + 2 for every k up to 62: a sum of k + 1 bits never wraps to zero
+PRIME = 67  # larger than k + 2 for every k up to 63: a sum of k + 1 bits never wraps to zero
+# With k = 63, x + 2^63 takes every 64-bit word once as x does: the comparison is right for every word.
+WHOLE_RING = 63
 
 
 def _low_bits(values, k):
@@ -78,11 +80,12 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1):
     """max(x / divisor, 0) on shares, given that x lies in [-2^bound_bits, 2^bound_bits).
 
     With ``divisor`` > 1 (a product at the double scale), the result is floor(x / divisor) + 0 or 1
-    where x >= 0, read off the comparison's own opening.
+    where x >= 0, read off the comparison's own opening. With ``bound_bits`` = WHOLE_RING (63) and no
+    divisor, x may be any 64-bit word, read as a signed number.
     """
     k = bound_bits
-    if not 1 <= k <= 62:
-        raise ValueError(f"bound_bits must be between 1 and 62, not {k}")
+    if not 1 <= k <= WHOLE_RING:
+        raise ValueError(f"bound_bits must be between 1 and {WHOLE_RING}, not {k}")
     shift = offset(k, divisor) if divisor > 1 else None  # raises if 64-bit words cannot hold it
     shape = tuple(x.shape.as_list())
     servers = (protocol.server_0.device_name, protocol.server_1.device_name)
@@ -124,7 +127,7 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1):
         opened_c, y_shares, opened_d = [], [], []
         for i, device in enumerate(servers):
             with tf.device(device):
-                opened_c.append(x_shares[i] + dealt[i]["r"] + (2**k if i == 0 else 0))
+                opened_c.append(x_shares[i] + dealt[i]["r"] + (word(2**k, tf.int64) if i == 0 else 0))
         answers, flips = [], []
         for i, device in enumerate(servers):
             with tf.device(device):
@@ -149,3 +152,20 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1):
                 zx = e * dealt[i]["b"] + d * dealt[i]["a"] + dealt[i]["ab"] + (e * d if i == 0 else 0)
                 out.append(protocol.tensor_factory.tensor(tf.where(tf.equal(flips[i], 1), y_shares[i] - zx, zx)))
     return PondPrivateTensor(protocol, out[0], out[1], x.is_scaled)
+
+
+def clip(protocol, x: PondPrivateTensor, top: int) -> PondPrivateTensor:
+    """min(max(x, 0), top) on shares, for any 64-bit x: the image a client sends, whatever code it runs.
+
+    The client's own check (pixels in [0, 1]) binds only clients that run the series' code; the value-range
+    proof, and with it what answers reveal of the weights, holds for images in [0, top] only. Two ReLUs on
+    the whole ring: y = max(x, 0) lies in [0, 2^63), so y - top lies in [-top, 2^63 - top) and is compared
+    right too, and y - max(y - top, 0) = min(y, top).
+    """
+    y = relu(protocol, x, WHOLE_RING)
+    shares = []
+    for i, (share, server) in enumerate(zip(y.unwrapped, (protocol.server_0, protocol.server_1))):
+        with tf.device(server.device_name):
+            shares.append(protocol.tensor_factory.tensor(share.value - top if i == 0 else share.value))
+    over = relu(protocol, PondPrivateTensor(protocol, *shares, y.is_scaled), WHOLE_RING)
+    return protocol.sub(y, over)

@@ -40,7 +40,7 @@ def offset(bound_bits: int, divisor: int, word_bits: int = 64) -> int:
     return offset
 
 
-def _word(value: int, dtype):
+def word(value: int, dtype):
     """A whole number modulo 2^bits as a word of ``dtype`` (two's complement)."""
     bits = dtype.size * 8
     value %= 2**bits
@@ -58,7 +58,7 @@ def wrap_material(r, divisor: int):
     ring = 2**(r.dtype.size * 8)
     unsigned = UNSIGNED[r.dtype]
     remainder = tf.bitcast(r, unsigned) % tf.constant(divisor, unsigned)
-    delta = _word(ring // divisor, r.dtype) + tf.cast(remainder < ring % divisor, r.dtype)
+    delta = word(ring // divisor, r.dtype) + tf.cast(remainder < ring % divisor, r.dtype)
     return _unsigned_quotient(r, divisor), tf.cast(r < 0, r.dtype) * delta  # r < 0: r >= 2^(bits-1) unsigned
 
 
@@ -67,7 +67,7 @@ def quotient_share(party: int, c, offset_: int, divisor: int, quotient_share_, w
     below_half = tf.cast(c >= 0, c.dtype)  # c < 2^(bits-1) read unsigned
     share = below_half * wrap_share - quotient_share_
     if party == 0:
-        share = share + _unsigned_quotient(c, divisor) - _word(offset_ // divisor, c.dtype)
+        share = share + _unsigned_quotient(c, divisor) - word(offset_ // divisor, c.dtype)
     return share
 
 
