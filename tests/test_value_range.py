@@ -7,8 +7,9 @@ import pytest
 from private_predictions import load_logits_model, load_mnist, share_model
 from private_predictions._tf import tf
 from private_predictions.protocol import FIXED_POINT
-from private_predictions.value_range import (MAX_SCALE_DOWN, UnsupportedModelError, ValueRangeError, bounds, fitting,
-                                             kernel_and_bias, servers_factors)
+from private_predictions.paths import MODEL_PATH
+from private_predictions.value_range import (MAX_SCALE_DOWN, UnsupportedModelError, ValueRangeError, bounds, check_fits,
+                                             fitting, kernel_and_bias, scaled_down, servers_factors)
 
 LIMIT = FIXED_POINT.scaling_base ** FIXED_POINT.precision_integral
 
@@ -262,3 +263,191 @@ def test_what_the_servers_do_not_compute_is_refused_before_anything_is_shared(ca
 
     with pytest.raises(UnsupportedModelError, match=message):
         share_model(model, SimpleNamespace(fixedpoint_config=FIXED_POINT, define_private_variable=share))
+
+
+# Models that the servers would compute differently from Keras, although their layers' list bounds -----------
+# The servers apply model.layers one after the other, each once, and recognise layers and activations by name
+# (network.py): the proof walks the same list, so it must refuse whatever Keras computes otherwise.
+
+def relu(x):
+    """Not Keras's ReLU, but Keras serialises it as 'relu', the name network.py reads."""
+    return 50 * tf.nn.relu(x)
+
+
+class Doubling(tf.keras.layers.Layer):
+    def call(self, inputs):
+        return 2 * inputs
+
+
+class LoudDense(tf.keras.layers.Dense):
+    def call(self, inputs):
+        return 2 * super().call(inputs)
+
+
+class TwoDense(tf.keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.flatten, self.dense = tf.keras.layers.Flatten(), tf.keras.layers.Dense(10)
+
+    def call(self, inputs):
+        return self.dense(self.flatten(inputs)) * 2
+
+
+def images_input(name=None):
+    return tf.keras.Input((28, 28, 1), name=name)
+
+
+def dense_applied_twice():
+    """The reviewer's first model: Keras applies `twice` twice, the servers once (their answers differed by 0.76)."""
+    images = images_input()
+    twice = tf.keras.layers.Dense(10, name="twice")
+    return tf.keras.Model(images, twice(twice(tf.keras.layers.Dense(10)(tf.keras.layers.Flatten()(images)))))
+
+
+def dense_twice_in_a_sequential():
+    twice = tf.keras.layers.Dense(10, name="twice")
+    return tf.keras.Sequential([tf.keras.layers.Flatten(input_shape=(28, 28, 1)), tf.keras.layers.Dense(10), twice, twice])
+
+
+def custom_relu():
+    """The reviewer's second model: Keras computes 50 ReLU(x), the servers ReLU(x) (answers 72.7 apart)."""
+    return tf.keras.Sequential([tf.keras.layers.Flatten(input_shape=(28, 28, 1)),
+                                tf.keras.layers.Dense(10, activation=relu, name="custom")])
+
+
+def relu_registered_as_relu():
+    with tf.keras.utils.custom_object_scope({"relu": relu}):
+        return tf.keras.Sequential([tf.keras.layers.Conv2D(2, 3, input_shape=(28, 28, 1)),
+                                    tf.keras.layers.Activation("relu", name="registered"),
+                                    tf.keras.layers.Flatten(), tf.keras.layers.Dense(10)])
+
+
+def skip_connection():
+    images = images_input()
+    pixels = tf.keras.layers.Flatten()(images)
+    added = tf.keras.layers.Add(name="skip")([pixels, tf.keras.layers.Dense(784)(pixels)])
+    return tf.keras.Model(images, tf.keras.layers.Dense(10)(added))
+
+
+def two_outputs():
+    images = images_input()
+    pixels = tf.keras.layers.Flatten()(images)
+    return tf.keras.Model(images, [tf.keras.layers.Dense(10, name="head_a")(pixels),
+                                   tf.keras.layers.Dense(10, name="head_b")(pixels)])
+
+
+def two_inputs():
+    left, right = images_input("left"), images_input("right")
+    added = tf.keras.layers.Add()([tf.keras.layers.Flatten()(left), tf.keras.layers.Flatten()(right)])
+    return tf.keras.Model([left, right], tf.keras.layers.Dense(10)(added))
+
+
+def a_tensorflow_operation():
+    images = images_input()
+    return tf.keras.Model(images, tf.keras.layers.Dense(10)(tf.keras.layers.Flatten()(images) * 50))
+
+
+NOT_AS_KERAS = {
+    "a dense layer applied twice": (dense_applied_twice, r"Layer twice \(Dense\) is applied 2 times, but the servers "
+                                    r"apply each layer once.*a layer of its own"),
+    "a dense layer twice in a sequential": (dense_twice_in_a_sequential,
+                                            r"Layer twice \(Dense\) is applied 2 times.*a layer of its own"),
+    "a custom function named relu": (custom_relu, r"Layer custom \(Dense\) has an activation named 'relu' that is not "
+                                     r"Keras's own \(.*test_value_range\.relu\).*Use activation='relu'"),
+    "a custom function registered as relu": (relu_registered_as_relu, r"Layer registered \(Activation\) has an "
+                                             r"activation named 'relu' that is not Keras's own.*activation='relu'"),
+    "tf.nn.relu": (sequential(tf.keras.layers.Flatten(input_shape=(28, 28, 1)), tf.keras.layers.Dense(10),
+                              tf.keras.layers.Activation(tf.nn.relu, name="tensorflows"), tf.keras.layers.Dense(10)),
+                   r"Layer tensorflows \(Activation\) has activation tf.nn.relu.*Use activation='relu'"),
+    "a lambda layer": (sequential(tf.keras.layers.Flatten(input_shape=(28, 28, 1)),
+                                  tf.keras.layers.Lambda(lambda x: 50 * x, name="scale"), tf.keras.layers.Dense(10)),
+                       r"Layer scale \(Lambda\) runs a Python function, which the servers cannot compute.*"
+                       r"The servers compute Conv2D and Dense"),
+    "a custom layer": (sequential(tf.keras.layers.Flatten(input_shape=(28, 28, 1)), Doubling(name="doubling"),
+                                  tf.keras.layers.Dense(10)),
+                       r"Layer doubling \(Doubling\) is not a layer the servers can compute.*The servers compute Conv2D"),
+    "a subclass of Dense": (sequential(tf.keras.layers.Flatten(input_shape=(28, 28, 1)), LoudDense(10, name="loud")),
+                            r"Layer loud \(LoudDense\) is a subclass of tf\.keras\.layers\.Dense.*"
+                            r"Use tf\.keras\.layers\.Dense itself"),
+    "a tensorflow operation": (a_tensorflow_operation, r"\(TFOpLambda\) is not a layer the servers can compute"),
+    "a skip connection": (skip_connection, r"Layer skip \(Add\) takes 2 inputs \(a branch or a skip connection .*"
+                                           r"single chain of layers"),
+    "two outputs": (two_outputs, r"The model has 1 input\(s\) \(.*\) and 2 output\(s\) \(head_a, head_b\).*one input "
+                                 r"and one output"),
+    "two inputs": (two_inputs, r"The model has 2 input\(s\) \(left, right\) and 1 output\(s\).*one input and one output"),
+    "a model inside the model": (sequential(tf.keras.Sequential([tf.keras.layers.Flatten(input_shape=(28, 28, 1))],
+                                                                name="inner"), tf.keras.layers.Dense(10)),
+                                 r"Layer inner \(Sequential\) is a model inside the model.*inner\.layers"),
+    "a subclassed model": (TwoDense, r"The model is a TwoDense, a subclass of tf\.keras\.Model.*would not run its own "
+                                     r"code.*tf\.keras\.Sequential"),
+    "a model not built": (sequential(tf.keras.layers.Flatten(), tf.keras.layers.Dense(10)),
+                          r"model sequential.* has not been built.*input_shape=\(height, width, channels\)"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_AS_KERAS)
+def test_what_keras_computes_otherwise_than_the_servers_is_refused_before_anything_is_shared(case):
+    build, message = NOT_AS_KERAS[case]
+    model = build()
+
+    def share(*args, **kwargs):
+        raise AssertionError("a weight was shared")
+
+    for prove in (lambda: fitting(model, LIMIT), lambda: check_fits(model, LIMIT),
+                  lambda: share_model(model, SimpleNamespace(fixedpoint_config=FIXED_POINT, define_private_variable=share))):
+        with pytest.raises(UnsupportedModelError, match=message):
+            prove()
+
+
+def test_keras_own_activations_are_accepted_however_they_are_named():
+    model = tf.keras.Sequential([
+        tf.keras.layers.Conv2D(2, 3, activation="relu", input_shape=(8, 8, 1)),
+        tf.keras.layers.Conv2D(2, 3, activation=tf.keras.activations.relu),
+        tf.keras.layers.Conv2D(2, 3, activation=None), tf.keras.layers.Activation("relu"),
+        tf.keras.layers.Activation(tf.keras.activations.relu), tf.keras.layers.Activation("linear"),
+        tf.keras.layers.Flatten(), tf.keras.layers.Dense(3, activation="linear"), tf.keras.layers.Dense(2)])
+    check_fits(model, LIMIT)
+
+
+def test_the_committed_model_has_keras_own_activations_when_loaded_from_its_file():
+    # Only its last layer's softmax is refused; load_logits_model turns it into 'linear'.
+    with pytest.raises(UnsupportedModelError, match=r"Layer dense \(Dense\) has activation 'softmax'"):
+        bounds(tf.keras.models.load_model(MODEL_PATH))
+
+
+def a_chain(functional):
+    layers = [tf.keras.layers.Conv2D(2, 3, activation="relu", name="conv"), tf.keras.layers.AveragePooling2D(2),
+              tf.keras.layers.Flatten(), tf.keras.layers.Dense(3)]
+    if not functional:
+        return tf.keras.Sequential([tf.keras.Input((8, 8, 1))] + layers)
+    x = images = tf.keras.Input((8, 8, 1))
+    for layer in layers:
+        x = layer(x)
+    return tf.keras.Model(images, x)
+
+
+def test_a_functional_chain_is_bounded_as_the_same_sequential_model():
+    tf.keras.utils.set_random_seed(3)
+    sequential_model, functional_model = a_chain(False), a_chain(True)
+    functional_model.set_weights(sequential_model.get_weights())
+    assert [bound for _, bound in bounds(functional_model)][1:] == [bound for _, bound in bounds(sequential_model)]
+    images = extreme_images((8, 8, 1))
+    computed, divisor, _ = fitting(functional_model, 0.5 * max(bound for _, bound in bounds(functional_model)))
+    np.testing.assert_allclose(computed(images).numpy() * divisor, functional_model(images).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_layers_of_another_model_are_applied_once_in_this_one(model):
+    # Each of these layers has two inbound nodes, the committed model's and this model's: this one applies it once.
+    again = tf.keras.Sequential([tf.keras.Input((28, 28, 1))] + model.layers)
+    assert all(len(layer.inbound_nodes) == 2 for layer in again.layers)
+    assert bounds(again) == bounds(model)
+
+
+def test_the_committed_model_is_still_scaled_down_and_fitted(model):
+    (_, _), (x_test, _) = load_mnist()
+    peak = max(bound for _, bound in bounds(model))
+    halved = scaled_down(model, 2)
+    np.testing.assert_allclose(halved(x_test[:8]).numpy() * 2, model(x_test[:8]).numpy(), rtol=1e-4, atol=1e-4)
+    computed, divisor, found = fitting(model, 0.6 * peak)
+    assert found == peak and divisor == 2 and max(bound for _, bound in bounds(computed)) < 0.6 * peak
+    np.testing.assert_allclose(computed(x_test[:8]).numpy() * 2, model(x_test[:8]).numpy(), rtol=1e-4, atol=1e-4)

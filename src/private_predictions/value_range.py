@@ -10,6 +10,12 @@ The boxes hold what the servers hold (network.py), not what Keras computes: the 
 servers round them, the values before each ReLU (whose sign the servers compare), the sums where
 Keras averages, and the error of every truncation. A model with a layer or an option that the
 servers would not compute as Keras does is refused here, before anything is shared.
+
+The servers apply ``model.layers`` one after the other, each once, and recognise layers and
+activations by name. So a model is accepted only if Keras computes it the same way: a
+Sequential or functional model applying its layers as one chain, in that order, each once; and
+layers of Keras's own classes (not subclasses, Lambda or custom layers), whose activations are
+Keras's own ReLU or linear function (the objects themselves, not functions of the same name).
 """
 from typing import List, Tuple
 
@@ -17,6 +23,10 @@ import numpy as np
 
 from ._tf import tf
 from .protocol import FIXED_POINT
+
+# What tf.keras.Model(inputs, outputs) builds, which Keras 2.9 does not export under tf.keras. Imported
+# after ._tf, which checks the Python and TensorFlow versions before TensorFlow is first imported.
+from keras.engine.functional import Functional
 
 SCALE = FIXED_POINT.scaling_factor
 
@@ -29,6 +39,16 @@ FLOAT_MARGIN = 2.0 ** -22
 
 SERVERS_COMPUTE = ("The servers compute Conv2D and Dense layers (with activation 'relu' or 'linear'), "
                    "AveragePooling2D, Flatten and Activation('relu') or Activation('linear') layers only")
+# The layers the servers compute, by their exact classes. network.py recognises a layer by its
+# class's name and computes what Keras's layer of that name does: a subclass (whose call may compute
+# anything) or another class of the same name would be computed as something it is not.
+COMPUTED_LAYERS = (tf.keras.layers.Conv2D, tf.keras.layers.Dense, tf.keras.layers.AveragePooling2D,
+                   tf.keras.layers.Flatten, tf.keras.layers.Activation)
+# Keras's own activation functions, by identity, for the same reason: network.py recognises an
+# activation by the name Keras serialises, which any function can have ("relu" for a function named
+# relu, or one registered under that name). TensorFlow's tf.nn.relu computes the same as Keras's, but
+# it is refused too (with the advice to use 'relu'): the proof then trusts these two objects only.
+RELU, LINEAR = tf.keras.activations.relu, tf.keras.activations.linear
 INSTEAD = {
     "MaxPooling2D": "Use AveragePooling2D instead, and retrain",
     "ReLU": "Use Activation('relu') instead: the same function, no retraining needed",
@@ -77,16 +97,37 @@ def _refuse(layer, problem: str, advice: str):
 
 
 def _check_activation(layer):
-    name = layer.get_config()["activation"]
-    if name not in ("relu", "linear"):
-        _refuse(layer, f"has activation {name!r}, but the servers compute 'relu' and 'linear' only",
-                "Use 'linear' on the last layer (the client applies the softmax to the logits), 'relu' elsewhere")
+    function, name = layer.activation, layer.get_config()["activation"]
+    if function is RELU or function is LINEAR:
+        return
+    if function is tf.nn.relu:
+        _refuse(layer, "has activation tf.nn.relu, TensorFlow's ReLU, but the servers recognise Keras's own only",
+                "Use activation='relu' instead: the same function, no retraining needed")
+    if name in ("relu", "linear"):
+        where = f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', type(function).__name__)}"
+        _refuse(layer, f"has an activation named {name!r} that is not Keras's own ({where}), but the servers "
+                f"would compute Keras's {name!r} whatever it computes",
+                f"Use activation={name!r} (the string: Keras's own function), and retrain unless yours computes the same")
+    _refuse(layer, f"has activation {name!r}, but the servers compute 'relu' and 'linear' only",
+            "Use 'linear' on the last layer (the client applies the softmax to the logits), 'relu' elsewhere")
 
 
 def _check_kind(layer):
-    if type(layer).__name__ not in ("Conv2D", "Dense", "AveragePooling2D", "Flatten", "Activation"):
-        _refuse(layer, "is not a layer the servers can compute", f"{SERVERS_COMPUTE}. "
-                + INSTEAD.get(type(layer).__name__, "Build the model from those layers and retrain it"))
+    if type(layer) in COMPUTED_LAYERS:
+        return
+    if isinstance(layer, tf.keras.Model):
+        _refuse(layer, "is a model inside the model, but the servers compute layers only, and would skip it",
+                "List its layers in the outer model instead, e.g. tf.keras.Sequential(inner.layers + [...])")
+    keras_class = next((kind for kind in COMPUTED_LAYERS if isinstance(layer, kind)), None)
+    if keras_class is not None:
+        _refuse(layer, f"is a subclass of tf.keras.layers.{keras_class.__name__}, but the servers compute "
+                f"Keras's own {keras_class.__name__}, not the subclass's code",
+                f"Use tf.keras.layers.{keras_class.__name__} itself, and retrain unless the subclass computes the same")
+    if isinstance(layer, tf.keras.layers.Lambda):
+        _refuse(layer, "runs a Python function, which the servers cannot compute",
+                f"{SERVERS_COMPUTE}. Build the model from those layers and retrain it")
+    _refuse(layer, "is not a layer the servers can compute", f"{SERVERS_COMPUTE}. "
+            + INSTEAD.get(type(layer).__name__, "Build the model from those layers and retrain it"))
 
 
 def _check_options(layer):
@@ -110,8 +151,8 @@ def _check_options(layer):
         _check_activation(layer)
 
 
-def _check_rank(layer):
-    rank = len(layer.input_shape)
+def _check_rank(layer, node):
+    rank = node.keras_inputs[0].shape.rank  # in this model: a layer of another model has its inputs there too
     if type(layer).__name__ == "Dense" and rank != 2:
         _refuse(layer, f"gets {rank}-D inputs, but the servers multiply 2-D ones only (a vector per image)",
                 "Put a Flatten layer before it")
@@ -135,17 +176,69 @@ def _check_end(keras_model):
                 "order than Keras)", "End the model with Flatten and Dense")
 
 
+def _applied_layers(keras_model):
+    """The layers the model applies, from its input to its output, each with the node (the call) that
+    applies it; refuses a model that is not a chain the servers walk as Keras does.
+
+    The walk goes back from the output to the input, from each layer to the one that made its input:
+    each layer must take one input, and the layers met must be model.layers, in that order (the
+    servers' order), each met once. Counting a layer's inbound nodes would not do: a layer also used in another
+    model has that model's nodes too, which this model does not apply.
+    """
+    if type(keras_model) not in (tf.keras.Sequential, Functional):
+        raise UnsupportedModelError(
+            f"The model is a {type(keras_model).__name__}, a subclass of tf.keras.Model: the servers apply its "
+            "layers one after the other, and would not run its own code (its call). Build it with "
+            "tf.keras.Sequential or tf.keras.Model(inputs, outputs) from the layers the servers compute.")
+    if not keras_model.outputs:
+        raise UnsupportedModelError(
+            f"The model {keras_model.name} has not been built, so its input shape, which the proof starts "
+            "from, is unknown. Give its first layer input_shape=(height, width, channels), e.g. (28, 28, 1) for "
+            "MNIST, or start it with tf.keras.Input((28, 28, 1)).")
+    if len(keras_model.inputs) != 1 or len(keras_model.outputs) != 1:
+        raise UnsupportedModelError(
+            f"The model has {len(keras_model.inputs)} input(s) ({', '.join(keras_model.input_names)}) and "
+            f"{len(keras_model.outputs)} output(s) ({', '.join(keras_model.output_names)}), but the servers "
+            "take one image and return one vector per image. Build a model with one input and one output "
+            "for the servers, e.g. tf.keras.Model(images, logits).")
+    applied, tensor = [], keras_model.outputs[0]
+    while True:
+        layer, node_index, _ = tensor._keras_history
+        node = layer.inbound_nodes[node_index]
+        if node.is_input:  # the model's InputLayer: the start
+            break
+        if len(node.keras_inputs) != 1:
+            _refuse(layer, f"takes {len(node.keras_inputs)} inputs (a branch or a skip connection joins "
+                    "there), but the servers compute a single chain of layers, each on the previous one's output",
+                    "Build the model as a chain of the layers the servers compute, e.g. a tf.keras.Sequential")
+        applied.insert(0, (layer, node))
+        tensor = node.keras_inputs[0]
+    layers = [layer for layer, _ in applied]
+    for layer in layers:
+        if layers.count(layer) > 1:
+            _refuse(layer, f"is applied {layers.count(layer)} times, but the servers apply each layer once, "
+                    "in the order of model.layers", "Give each application a layer of its own (with the same "
+                    "weights, it computes the same)")
+    listed = [layer for layer in keras_model.layers if type(layer) is not tf.keras.layers.InputLayer]
+    if layers != listed:
+        raise UnsupportedModelError(
+            f"The model applies its layers in the order {', '.join(layer.name for layer in layers)}, but the "
+            f"servers apply them in the order of model.layers: {', '.join(layer.name for layer in listed)}. "
+            "Build it as a tf.keras.Sequential of its layers, in the order it applies them.")
+    return applied
+
+
 def _check_model(keras_model):
     """Raise UnsupportedModelError for a model that the servers would not compute as Keras does."""
+    applied = _applied_layers(keras_model)  # first: a model with several inputs has no single input shape
     if len(keras_model.input_shape) != 4:
         raise UnsupportedModelError(
             f"The model takes inputs of shape {keras_model.input_shape}, but the servers take images "
             "(height x width x channels). Start the model with a Conv2D or Flatten layer on images.")
-    for layer in keras_model.layers:
-        if type(layer).__name__ != "InputLayer":
-            _check_kind(layer)
-            _check_options(layer)
-            _check_rank(layer)
+    for layer, node in applied:
+        _check_kind(layer)
+        _check_options(layer)
+        _check_rank(layer, node)
     _check_end(keras_model)
 
 
@@ -208,7 +301,7 @@ def _sum_pool(box, layer):
 
 
 def _relu_in(layer) -> bool:
-    return type(layer).__name__ in ("Conv2D", "Dense", "Activation") and layer.get_config()["activation"] == "relu"
+    return type(layer).__name__ in ("Conv2D", "Dense", "Activation") and layer.activation is RELU
 
 
 def bounds(keras_model, low: float = 0.0, high: float = 1.0, scale: float = SCALE) -> List[Tuple[str, float]]:
