@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from private_predictions import LocalCluster, PrivateClient, RuntimeClient, load_logits_model, load_mnist
+from private_predictions import LocalCluster, PrivateClient, load_logits_model, load_mnist
 from private_predictions.client import Card
 from private_predictions.tooling import start_serving_process
 from private_predictions._tf import tf
@@ -111,25 +111,21 @@ def main(argv=None):
                        "compute_only": Anchor("compute-only", cluster.config_path, per_block),
                        "compute_only_aby3": Anchor("compute-only-aby3", cluster.config_path, per_block)}
             serving, results["secure_model_seconds"], _, _ = start_serving_process(cluster.config_path)
-            # The series' client goes through the doors (TLS, numpy only); the runtime client, inside the
-            # servers' runtime, is the path clients took before the doors: the yardstick for their cost.
+            # The series' client goes through the doors (TLS, numpy only), as every client does.
             card = cluster.admit("benchmark", output / "card.json", per_minute=None)
             client = PrivateClient.connect(card, timeout=60)
-            runtime_client = RuntimeClient.connect(cluster.config_path, timeout=60)
             steps = 2 * len(BATCH_SIZES) + 2 * per_block * ROUNDS + len(BATCH_SIZES) * args.throughput_queries
             steps += -(-len(x_test) // MAX_BATCH_SIZE)
             with tqdm(total=steps, desc="benchmark", unit="query") as progress:
                 for batch in BATCH_SIZES:  # trace each batch size once before timing
                     client.predict_logits(x_test[:batch])
-                    runtime_client.predict_logits(x_test[:batch])
                     plaintext_call(x_test[:batch])
                     progress.update(2)
 
                 # The paths take turns, block by block: a slower minute slows all of them alike.
-                one, private, inside = x_test[:1], [], []
+                one, private = x_test[:1], []
                 for _ in range(ROUNDS):
-                    private += time_calls(lambda: client.predict_logits(one), per_block, progress)
-                    inside += time_calls(lambda: runtime_client.predict_logits(one), per_block, progress)
+                    private += time_calls(lambda: client.predict_logits(one), 2 * per_block, progress)
                     for path in anchors.values():
                         path.block(1)
                 # What a client's first query pays for its TLS connections: a first greeting of both
@@ -150,7 +146,6 @@ def main(argv=None):
                 plaintext = time_calls(lambda: plaintext_call(one).numpy(), per_block * ROUNDS)
                 results["batch1"] = {
                     "private_median_ms": percentile_ms(private, 50),
-                    "inside_runtime_median_ms": percentile_ms(inside, 50),
                     "private_p95_ms": percentile_ms(private, 95),
                     "plaintext_median_ms": percentile_ms(plaintext, 50),
                     "queries": len(private),
@@ -164,8 +159,6 @@ def main(argv=None):
                                                             / results["compute_only"]["batch1_median_ms"]),
                     "batch1_end_to_end_minus_compute_only_ms": (results["batch1"]["private_median_ms"]
                                                                 - results["compute_only"]["batch1_median_ms"]),
-                    "batch1_doors_minus_inside_runtime_ms": (results["batch1"]["private_median_ms"]
-                                                             - results["batch1"]["inside_runtime_median_ms"]),
                 }
 
                 results["throughput"] = []
@@ -226,9 +219,6 @@ def table(results) -> str:
     lines = [
         f"batch 1, series / stock tf-encrypted serving: {ratios['batch1_series_over_stock_tfe']:.2f} "
         f"({b1['private_median_ms']:.1f} ms / {stock['batch1_median_ms']:.1f} ms, same servers, same run)",
-        f"batch 1, through the doors - inside the servers' runtime: "
-        f"{ratios['batch1_doors_minus_inside_runtime_ms']:+.1f} ms ({b1['private_median_ms']:.1f} ms / "
-        f"{b1['inside_runtime_median_ms']:.1f} ms)",
         f"a new client's first greeting of both doors (TLS handshakes): {results['tls']['first_hello_ms']:.1f} ms; "
         f"a greeting over open connections: {results['tls']['hello_ms']:.1f} ms",
         f"batch 1, end to end / compute only: {ratios['batch1_end_to_end_over_compute_only']:.2f} "

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from tensorflow.python.ops import gen_data_flow_ops
 
-from private_predictions import LocalCluster, RuntimeClient
+from private_predictions import LocalCluster
+from private_predictions.client import Card, PrivateClient
 from private_predictions.ports import find_free_base_port
 from private_predictions.tooling import start_serving_process
 
@@ -45,8 +46,8 @@ def own_deployment(tmp_path):
     deployment.cluster = LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "c.json")
     try:
         deployment.serving = start_serving_process(deployment.cluster.config_path)
-        deployment.client = RuntimeClient.connect(deployment.cluster.config_path, timeout=30)
         deployment.card = deployment.cluster.admit("tests", tmp_path / "card.json", per_minute=None)
+        deployment.client = PrivateClient(Card.load(deployment.card))
         yield deployment
     finally:
         if deployment.serving is not None:
@@ -56,38 +57,74 @@ def own_deployment(tmp_path):
 
 @pytest.fixture
 def client(serving, cluster):
-    # Connecting again for every test costs milliseconds, and keeps this process's
-    # connection right even after a test has connected it to a cluster of its own.
-    return RuntimeClient.connect(cluster.config_path, timeout=30)
+    """A client of the session's served model, through the doors, as notebook 03's."""
+    return PrivateClient(Card.load(cluster.card))
 
 
-def send_by_hand(client, share0=None, share1=None, announced: int = 1, client_id=None):
-    """What anything on the network can do: put shares and a request of its own making into the queues.
+class Hand:
+    """What a program that reaches the servers' runtime can do by hand (on one machine: every program of
+    it, over loopback): stage shares and put requests of its own making where the doors put theirs."""
 
-    A share that is None is not sent. Returns the queues of the client named ``client_id``
-    (by default one made up).
-    """
+    def __init__(self, config_path):
+        from private_predictions.config import ClusterConfig
+        from private_predictions.protocol import connect
+        from private_predictions.queues import ServingLease, server_tables
+
+        self.protocol = connect(ClusterConfig.load(config_path))
+        self.tables = server_tables(self.protocol)
+        self.lease = ServingLease(self.protocol.server_0.device_name)
+
+    def requests(self):
+        """The request queue of the side that serves now."""
+        from private_predictions.queues import request_queue
+        return request_queue(self.protocol, self.lease.read()[0])
+
+    def stage(self, key: int, share0=None, share1=None) -> None:
+        """Put image rows in server0's and server1's tables under ``key`` (a share that is None is not put)."""
+        for table, share in zip(self.tables, (share0, share1)):
+            if share is not None:
+                rows = np.asarray(share, np.int64)
+                _stage(table, tf_constant(key), tf_constant(len(rows)), tf_constant(rows.reshape(len(rows), -1)))
+
+    def request(self, key: int, batch: int) -> None:
+        _enqueue_request(self.requests().handle, tf_constant(key), tf_constant(batch))
+
+    def staged(self, key: int):
+        """What each server holds under ``key``: its batch size there, or -1."""
+        return [int(_present(table, tf_constant([key]))[0]) for table in self.tables]
+
+
+def tf_constant(value):
     from private_predictions._tf import tf
-    from private_predictions.queues import ClientQueues
-
-    queues = ClientQueues(client.protocol, client_id)
-    for queue, share in zip(queues.inputs, (share0, share1)):
-        if share is not None:
-            _enqueue(queue.handle, tf.constant(np.asarray(share, np.int64)))
-    _enqueue_request(client._requests.handle, tf.constant(queues.client_id), tf.constant(announced, tf.int64))
-    return queues
+    return tf.constant(value, tf.int64)
 
 
-def _enqueue(queue, value):
+def _stage(table, key, batch, rows):
     from private_predictions._tf import tf
-    return tf.function(lambda q, v: (gen_data_flow_ops.queue_enqueue_v2(q, [v]),
-                                     gen_data_flow_ops.queue_size_v2(q))[-1])(queue, value)
+
+    @tf.function
+    def stage(key, batch, rows):
+        with tf.device(table.device):
+            with tf.control_dependencies([table.put_share(key, batch, rows)]):
+                return tf.constant(True)
+    return stage(key, batch, rows)
 
 
-def _enqueue_request(requests, client_id, batch):
+def _present(table, keys):
     from private_predictions._tf import tf
-    return tf.function(lambda q, c, b: (gen_data_flow_ops.queue_enqueue_v2(q, [c, b]),
-                                        gen_data_flow_ops.queue_size_v2(q))[-1])(requests, client_id, batch)
+    return tf.function(lambda keys: _on(table, lambda: table.present(keys)))(keys).numpy()
+
+
+def _on(table, make):
+    from private_predictions._tf import tf
+    with tf.device(table.device):
+        return make()
+
+
+def _enqueue_request(requests, key, batch):
+    from private_predictions._tf import tf
+    return tf.function(lambda q, k, b: (gen_data_flow_ops.queue_enqueue_v2(q, [k, b]),
+                                        gen_data_flow_ops.queue_size_v2(q))[-1])(requests, key, batch)
 
 
 HOSTS = ("server0", "server1", "server2", "owner", "client")

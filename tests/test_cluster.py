@@ -9,7 +9,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from private_predictions import ClusterError, LocalCluster, RuntimeClient, RemoteCluster
+from private_predictions import ClusterError, LocalCluster, RemoteCluster
+from private_predictions.cluster import wait_for_servers
 from private_predictions.cluster import LOCK_DIR
 from private_predictions.ports import find_free_base_port, free_ports, port_is_open
 from private_predictions.commands import server as server_command
@@ -137,9 +138,9 @@ def test_a_configuration_naming_other_machines_is_never_overwritten(tmp_path):
 
 
 @pytest.mark.parametrize("connect, says", [
-    (RuntimeClient.connect, "not answering"),
+    (wait_for_servers, "not answering"),
     (RemoteCluster.join, "not answering.*python -m private_predictions.commands.server"),  # how to start them
-], ids=["client", "model owner joining servers elsewhere"])
+], ids=["serving side waiting for servers", "model owner joining servers elsewhere"])
 def test_unreachable_servers_fail_fast(tmp_path, connect, says):
     config_path = tmp_path / "c.json"
     ClusterConfig.local(free_ports(3)).save(config_path)
@@ -157,5 +158,5 @@ def test_joining_servers_elsewhere_without_a_configuration_says_what_to_write(tm
 def test_missing_configuration_fails_fast(tmp_path):
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="notebook 02"):
-        RuntimeClient.connect(tmp_path / "absent.json", timeout=1)
+        wait_for_servers(tmp_path / "absent.json", timeout=1)
     assert time.monotonic() - start < 5

@@ -16,18 +16,22 @@ from dataclasses import replace
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 
 from private_predictions.certificates import make_certificate
-from private_predictions.client import (ASK, CHANNEL_OPTIONS, DOORS, Card, DoorError, NotAdmittedError,
-                                        PrivateClient, ServingStoppedError, door_name, new_client_id)
+from private_predictions.client import (ASK, CHANNEL_OPTIONS, DOORS, HELLO, Card, DoorError, NotAdmittedError,
+                                        PrivateClient, ServingStoppedError, door_name, new_client_id, new_nonce)
 from private_predictions.data import load_mnist
 from private_predictions.paths import CHECK_LOGITS_PATH
 from private_predictions.ports import find_free_base_port
+from private_predictions.admission import digest
+from private_predictions.door import PARTNER_SECONDS
+from private_predictions.queues import MAX_BATCH_SIZE, query_key
 from private_predictions.tooling import start_serving_process
 from private_predictions.waiting import wait_until
 from private_predictions import LocalCluster
-from conftest import stop
+from conftest import Hand, stop
 
 CHECK = np.load(CHECK_LOGITS_PATH)  # the plaintext model's logits of the first 100 test images
 TOLERANCE = 0.02  # fixed-point rounding; another image's logits differ by far more
@@ -49,6 +53,12 @@ def raw_call(card: Card, server: str, body: bytes, metadata, timeout: float = 30
     with grpc.secure_channel(card.doors[server]["address"], credentials,
                              options=[("grpc.ssl_target_name_override", door_name(server))]) as channel:
         return channel.unary_unary(ASK)(body, metadata=metadata, timeout=timeout)
+
+
+def query_metadata(card: Card, batch: int = 1, client_id: str = None, nonce: str = None):
+    """A query's metadata, as the client sends it to both doors."""
+    return (("token", card.token), ("client", client_id or new_client_id()), ("query", nonce or new_nonce()),
+            ("batch", str(batch)))
 
 
 def refusal(call) -> grpc.RpcError:
@@ -107,12 +117,14 @@ def test_a_token_over_its_limit_is_told_when_to_ask_again(cluster, serving, tmp_
 def test_malformed_and_oversized_requests_are_refused_at_the_door(cluster, serving, tmp_path):
     card = card_for(cluster, tmp_path, "elena")
     image = np.zeros((1, 28, 28, 1), "<i8").tobytes()
-    good = (("token", card.token), ("client", new_client_id()), ("batch", "1"))
+    good = (("token", card.token), ("client", new_client_id()), ("query", new_nonce()), ("batch", "1"))
     cases = {
-        "no token": ((("client", new_client_id()), ("batch", "1")), image, grpc.StatusCode.UNIMPLEMENTED),
-        "no batch size": (good[:2], image, grpc.StatusCode.INVALID_ARGUMENT),
-        "a batch size out of range": (good[:2] + (("batch", "65"),), image, grpc.StatusCode.INVALID_ARGUMENT),
-        "a client id of another form": ((good[0], ("client", "../x"), good[2]), image, grpc.StatusCode.INVALID_ARGUMENT),
+        "no token": (good[1:], image, grpc.StatusCode.UNIMPLEMENTED),
+        "no batch size": (good[:3], image, grpc.StatusCode.INVALID_ARGUMENT),
+        "a batch size out of range": (good[:3] + (("batch", "65"),), image, grpc.StatusCode.INVALID_ARGUMENT),
+        "a client id of another form": ((good[0], ("client", "../x")) + good[2:], image, grpc.StatusCode.INVALID_ARGUMENT),
+        "no nonce": (good[:2] + good[3:], image, grpc.StatusCode.INVALID_ARGUMENT),
+        "a nonce of another form": (good[:2] + (("query", "x" * 16),) + good[3:], image, grpc.StatusCode.INVALID_ARGUMENT),
         "fewer bytes than announced": (good, image[:-8], grpc.StatusCode.INVALID_ARGUMENT),
         "more bytes than announced": (good, image + image, grpc.StatusCode.INVALID_ARGUMENT),
         "more than any batch": (good, b"\0" * 5_000_000, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -128,7 +140,7 @@ def test_one_share_alone_is_refused_and_holds_up_nobody(cluster, serving, tmp_pa
     lone = card_for(cluster, tmp_path, "fede")
     client = PrivateClient(card_for(cluster, tmp_path, "gala"))
     client.predict_logits(x_test[:1])
-    metadata = (("token", lone.token), ("client", new_client_id()), ("batch", "1"))
+    metadata = query_metadata(lone)
     caught = []
     alone = threading.Thread(target=lambda: caught.append(refusal(lambda: raw_call(
         lone, "server0", np.zeros((1, 28, 28, 1), "<i8").tobytes(), metadata))))
@@ -169,19 +181,17 @@ def test_a_token_has_at_most_two_queries_waiting_even_after_malformed_ones(clust
     PrivateClient(card).predict_logits(x_test[:1])
     share = np.zeros((1, 28, 28, 1), "<i8").tobytes()
     for _ in range(3):  # refused: each must leave the count of waiting queries as it was
-        metadata = (("token", card.token), ("client", new_client_id()), ("batch", "1"))
+        metadata = query_metadata(card)
         assert refusal(lambda: raw_call(card, "server1", share[:-8], metadata)).code() == \
             grpc.StatusCode.INVALID_ARGUMENT
     credentials = grpc.ssl_channel_credentials(root_certificates=card.doors["server1"]["certificate"].encode())
     with grpc.secure_channel(card.doors["server1"]["address"], credentials,
                              options=[("grpc.ssl_target_name_override", door_name("server1"))]) as channel:
         ask = channel.unary_unary(ASK)
-        # Shares sent to server1's door alone wait there for an answer that never comes.
-        waiting = [ask.future(share, metadata=(("token", card.token), ("client", new_client_id()), ("batch", "1")),
-                              timeout=20) for _ in range(2)]
+        # Shares sent to server1's door alone wait there, until server0's door gives up on them.
+        waiting = [ask.future(share, metadata=query_metadata(card), timeout=20) for _ in range(2)]
         time.sleep(1)
-        third = refusal(lambda: ask(share, metadata=(("token", card.token), ("client", new_client_id()),
-                                                     ("batch", "1")), timeout=5))
+        third = refusal(lambda: ask(share, metadata=query_metadata(card), timeout=5))
         for call in waiting:
             call.cancel()
     assert third.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, third.details()
@@ -476,49 +486,13 @@ def test_goodbyes_count_against_the_tokens_limit(cluster, serving, tmp_path):
 
     card = card_for(cluster, tmp_path, "waving", per_minute=2)
     credentials = grpc.ssl_channel_credentials(root_certificates=card.doors["server0"]["certificate"].encode())
-    metadata = (("token", card.token), ("client", new_client_id()), ("batch", "0"))
+    metadata = query_metadata(card, batch=0)
     with grpc.secure_channel(card.doors["server0"]["address"], credentials,
                              options=[("grpc.ssl_target_name_override", door_name("server0"))]) as channel:
         for _ in range(2):
             channel.unary_unary(DONE)(b"", metadata=metadata, timeout=10)
         refused = refusal(lambda: channel.unary_unary(DONE)(b"", metadata=metadata, timeout=10))
     assert refused.code() == grpc.StatusCode.PERMISSION_DENIED and "a minute" in refused.details()
-
-
-def test_the_doors_watch_never_closes_the_queues_of_a_wait_that_has_returned():
-    # The race behind a class's query failing now and then ("the servers could not take this query"): the
-    # watch looked at the waits; a query's answer came and its call ended; the watch then saw the call ended,
-    # took it for a client that left, and closed that client's answer queue, which its next query waits on.
-    from types import SimpleNamespace
-
-    from private_predictions.door import Door
-
-    door = Door.__new__(Door)  # the waits and their watch only, no servers
-    door._waits, door._ended, door._waits_lock = {}, {}, threading.Lock()
-    door._serving = lambda: "the serving side"
-    answered, closed, returned = threading.Event(), [], []
-
-    class Session:
-        def run(self, fetch, *args, **kwargs):
-            if fetch == "close":
-                closed.append(fetch)
-                return None
-            answered.wait(10)
-            return "the answer"
-
-    class Call:
-        def is_active(self):  # asked by the watch: the answer comes, and the call ends, just before
-            answered.set()
-            waiting.join(10)
-            return False
-
-    client = SimpleNamespace(session=Session(), close="close")
-    waiting = threading.Thread(target=lambda: returned.append(
-        door._wait(client, "take the answer", Call(), "the serving side", 600, "no answer in time")))
-    waiting.start()
-    wait_until(lambda: door._waits, 10, "the wait did not start")
-    door._end_waits()
-    assert returned == ["the answer"] and closed == []
 
 
 def test_a_client_running_its_own_code_gets_answers_for_images_in_range_only(cluster, serving, tmp_path,
@@ -540,3 +514,132 @@ def test_a_client_running_its_own_code_gets_answers_for_images_in_range_only(clu
         expected = plaintext(np.clip(images, 0, 1).astype(np.float32)).numpy()
         got = client.predict_logits(images)
         assert np.abs(got - expected).max() < TOLERANCE, name
+
+
+# -- what an admitted client running its own code can do, and what it leaves --------------------------
+
+def lone_shares(card: Card, count: int, batch: int = MAX_BATCH_SIZE, refused_partner: bool = False):
+    """``count`` calls to server1's door alone, at once, each with a share of ``batch`` images; with their keys.
+
+    With ``refused_partner``, each query's other share goes to server0's door announcing another batch
+    size, which that door refuses: the share server1's door took is then its only part left.
+    """
+    channels, calls, keys = [], [], []
+    share = np.zeros((batch, 28, 28, 1), "<i8").tobytes()
+    for server in ("server1", "server0") if refused_partner else ("server1",):
+        credentials = grpc.ssl_channel_credentials(root_certificates=card.doors[server]["certificate"].encode())
+        channels.append(grpc.secure_channel(card.doors[server]["address"], credentials,
+                                            options=[("grpc.ssl_target_name_override", door_name(server))]))
+    for _ in range(count):
+        metadata = query_metadata(card, batch)
+        keys.append(query_key(digest(card.token), metadata[1][1], metadata[2][1]))
+        calls.append(channels[0].unary_unary(ASK).future(share, metadata=metadata, timeout=60))
+        if refused_partner:
+            other = metadata[:3] + (("batch", "1"),)
+            calls.append(channels[1].unary_unary(ASK).future(share[:len(share) // batch], metadata=other, timeout=60))
+    return _Closing(channels), calls, keys
+
+
+class _Closing:
+    def __init__(self, channels):
+        self.channels = channels
+
+    def close(self):
+        for channel in self.channels:
+            channel.close()
+
+
+def test_a_share_sent_to_server1s_door_alone_is_removed_and_its_client_told(cluster, serving, tmp_path):
+    card = card_for(cluster, tmp_path, "nadia")
+    channel, calls, keys = lone_shares(card, 1)
+    hand = Hand(cluster.config_path)
+    try:
+        wait_until(lambda: hand.staged(keys[0])[1] != -1, 10, "server1's door did not stage the share")
+        start = time.monotonic()
+        error = calls[0].exception(30)
+        # server0's door gives up on it after PARTNER_SECONDS, removes it, and server1's door tells its client.
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "did not receive the other share" in error.details()
+        assert time.monotonic() - start < PARTNER_SECONDS + 2
+        assert hand.staged(keys[0]) == [-1, -1]
+    finally:
+        channel.close()
+
+
+def test_a_query_refused_at_server0s_door_is_refused_at_both_and_counted_once(cluster, serving, tmp_path, x_test):
+    card = card_for(cluster, tmp_path, "olga", per_minute=2)
+    hand = Hand(cluster.config_path)
+    # Two shares to server1's door alone: they are removed, and count nothing against the limit ...
+    channel, calls, keys = lone_shares(card, 2, batch=1)
+    for call in calls:
+        call.exception(30)
+    channel.close()
+    client = PrivateClient(card)
+    assert np.abs(client.predict_logits(x_test[:2]) - CHECK[:2]).max() < TOLERANCE  # ... so two images pass
+    # A third image is over the limit: server0's door refuses it, and server1's share of it goes too.
+    sent = []
+    metadata_of = client._metadata
+    client._metadata = lambda batch, nonce="": sent.append(dict(metadata_of(batch, nonce))) or metadata_of(batch, nonce)
+    with pytest.raises(NotAdmittedError, match="a minute"):
+        client.predict_logits(x_test[2:3])
+    key = query_key(digest(card.token), sent[-1]["client"], sent[-1]["query"])
+    wait_until(lambda: hand.staged(key) == [-1, -1], 5, "server1 kept the share of a query server0 refused")
+
+
+def test_greetings_count_against_the_tokens_limit(cluster, serving, tmp_path):
+    client = PrivateClient(card_for(cluster, tmp_path, "pilar", per_minute=2))
+    client.hello()
+    client.hello()
+    with pytest.raises(NotAdmittedError, match="a minute"):
+        client.hello()
+
+
+def test_calls_held_at_server1s_door_by_40_tokens_hold_up_nobody(cluster, serving, tmp_path, x_test):
+    # Each token holds the two calls it may have in flight (shares whose twins never come), 80 in all:
+    # none holds a thread while it waits, so another student's query is answered at once.
+    student = PrivateClient(card_for(cluster, tmp_path, "quique"))
+    student.predict_logits(x_test[:1])
+    held = [lone_shares(card_for(cluster, tmp_path, f"holder-{number}"), 2, batch=1) for number in range(40)]
+    try:
+        time.sleep(1.0)  # every call is in, waiting at server1's door
+        assert all(not call.done() for _, calls, _ in held for call in calls)
+        start = time.monotonic()
+        logits = student.predict_logits(x_test[11:12], timeout=30)
+        assert time.monotonic() - start < 5.0
+        assert np.abs(logits - CHECK[11:12]).max() < TOLERANCE
+    finally:
+        for channel, calls, _ in held:
+            for call in calls:
+                call.cancel()
+            channel.close()
+
+
+def server_memory(cluster, server: str) -> int:
+    return psutil.Process(cluster.pids[server]).memory_info().rss
+
+
+def test_lone_shares_are_removed_so_the_servers_memory_stops_growing(tmp_path, x_test):
+    # A token's worst: its 2 queries at a time, each 64 images (400 kB), refused at server0's door after
+    # server1's door took its share; 10 tokens. (Twins never sent at all are removed the same way, only
+    # PARTNER_SECONDS later: the test above.)
+    with LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "cluster.json") as cluster:
+        serving = start_serving_process(cluster.config_path)
+        try:
+            cards = [card_for(cluster, tmp_path, f"flooder-{number}") for number in range(10)]
+            hand = Hand(cluster.config_path)
+            shares = 20 * MAX_BATCH_SIZE * 28 * 28 * 8  # 8 MB a round
+            grown = []
+            while len(grown) < 12 and not (len(grown) >= 2 and max(grown[-2:]) < shares / 4):
+                before = server_memory(cluster, "server1")
+                sent = [lone_shares(card, 2, refused_partner=True) for card in cards]
+                for channel, calls, _ in sent:
+                    for call in calls:
+                        call.exception(60)
+                    channel.close()
+                assert all(hand.staged(key) == [-1, -1] for _, _, keys in sent for key in keys)
+                grown.append(server_memory(cluster, "server1") - before)
+            print(f"server1's memory grew by {[round(g / 1e6, 1) for g in grown]} MB in rounds of {shares / 1e6:.1f} MB")
+            # The first rounds grow gRPC's, TensorFlow's and the allocator's pools; then the rounds reuse them.
+            # Kept for ever, each round's shares would add their 8 MB again, however many rounds.
+            assert max(grown[-2:]) < shares / 4, grown
+        finally:
+            serving.stop()

@@ -6,7 +6,8 @@ import threading
 import numpy as np
 from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 
-from private_predictions import LocalCluster, RuntimeClient, connect, load_logits_model, load_mnist, share_model
+from private_predictions import LocalCluster, connect, load_logits_model, load_mnist, share_model
+from private_predictions.client import Card, PrivateClient
 from private_predictions._tf import tf
 
 # Where a value is rebuilt from its two shares after fresh randomness was added to it (masking.py): the
@@ -35,7 +36,7 @@ def test_the_serving_side_reveals_only_masked_values(tmp_path, monkeypatch):
     with LocalCluster.start(config_path=tmp_path / "c.json") as cluster:
         secure_model = share_model(load_logits_model(), connect(cluster.config))
         try:
-            client = RuntimeClient(secure_model.protocol, cluster.config, say=lambda line: None)
+            client = PrivateClient(Card.load(cluster.admit("tests", tmp_path / "card.json")), say=lambda line: None)
             serving = threading.Thread(target=secure_model.serve, args=(1,), kwargs={"report": None})
             serving.start()
             logits = client.predict_logits(x_test[:1], timeout=60)
@@ -165,3 +166,30 @@ def test_what_crosses_between_servers_is_masked_openings_seeds_and_what_server2_
             masked_opening = re.search(r"(^|/)(reconstruct(_\d+)?|mask(_\d+)?/online)/", op.name) and tensor.dtype == tf.int64
             seed = tensor.op.type == "SecureSeed"
             assert masked_opening or seed, what
+    # What server2 sends: a seed grows a share on one server only (a seed that reached both would give both
+    # servers the same half of a mask: r = 2 r0, and server0 would open x + 2 r0); whatever else goes to both
+    # is computed from what server0 and server1 sent it (the comparison's answer), never dealt material.
+    destinations = {}
+    for source, destination, tensor, _ in crossings:
+        if source == "server2":
+            destinations.setdefault(tensor.name, (tensor, set()))[1].add(destination)
+    assert destinations
+    answers = _computed_from(graph, servers)
+    for name, (tensor, to) in destinations.items():
+        what = f"{name} ({tensor.dtype.name} {tensor.shape}) from server2 to {', '.join(sorted(to))}"
+        assert to <= servers, what
+        if tensor.op.type == "SecureSeed":
+            assert len(to) == 1, f"a seed of server2 goes to both servers: {what}"
+        elif to == servers:
+            assert tensor.op.name in answers, f"dealt material goes to both servers: {what}"
+
+
+def _computed_from(graph, parties) -> set:
+    """The names of the ops of ``graph`` whose values are computed from a tensor made on one of ``parties``
+    (data inputs only: tf.function's automatic control dependencies order stateful ops, such as seeds,
+    across servers). A graph lists each op after its inputs."""
+    found = set()
+    for op in graph.get_operations():
+        if _party(op.device) in parties or any(t.op.name in found for t in op.inputs):
+            found.add(op.name)
+    return found

@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 _WHERE = {
     "InvalidImageError": "client", "NotAdmittedError": "client", "PrivateClient": "client",
-    "RequestRefusedError": "client", "RuntimeClient": "runtime_client", "ServingStoppedError": "client", "softmax": "client",
+    "RequestRefusedError": "client", "ServerSilentError": "client", "ServingStoppedError": "client", "softmax": "client",
     "ClusterError": "cluster", "LocalCluster": "cluster", "RemoteCluster": "cluster",
     "load_mnist": "data", "load_logits_model": "model", "connect": "protocol",
     "SecureModel": "serving", "ServingConflictError": "serving", "share_model": "serving",

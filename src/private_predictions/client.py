@@ -31,11 +31,11 @@ import numpy as np  # noqa: E402
 
 from .paths import CARD_PATH, shown  # noqa: E402
 
-# What travels through a door: gRPC, one method, raw bytes. The request's body is one share,
-# little-endian 64-bit integers of shape (batch, 28, 28, 1); the answer, one share of the logits.
-# Metadata: the token, the batch size, and a client id (32 hex digits) that names this client's
-# queues on the servers. After any failed query a client must draw a new id: the servers may
-# still hold a share of the failed query under the old one.
+# What travels through a door: gRPC, raw bytes. A query's body is one share, little-endian 64-bit
+# integers of shape (batch, 28, 28, 1); the answer, one share of the logits. Metadata: the token, the
+# batch size, a client id (32 hex digits) and a fresh random nonce per query (16 hex digits), from which
+# both doors derive the query's key on the servers. A door takes one query of a client id at a time:
+# after a failed query a client draws a new id, so as not to wait for its earlier query to end there.
 SERVICE = "private_predictions.Door"
 ASK, HELLO = f"/{SERVICE}/Ask", f"/{SERVICE}/Hello"
 DONE = f"/{SERVICE}/Done"  # to server0's door only, with batch 0: "this client has no more questions"
@@ -44,6 +44,7 @@ WORD = np.dtype("<i8")
 DOORS = ("server0", "server1")
 NOT_SERVING = "not serving: "  # how a door's refusal starts when nobody serves the model right now
 NOT_PUBLISHED = "not published: "  # ... when nothing is published yet about the batch size asked
+SERVER_SILENT = "server silent: "  # ... when one of the three servers does not answer
 QUICK_SECONDS = 10.0
 # Ping a door every 2 s while waiting: a door that went silent (cable, Wi-Fi, sleep) is noticed
 # within seconds instead of at the query's deadline. The doors accept pings that often.
@@ -69,6 +70,10 @@ class RequestRefusedError(RuntimeError):
 
 class ServingStoppedError(RuntimeError):
     """Nobody serves the model (any more): the model owner must serve it (notebook 02)."""
+
+
+class ServerSilentError(ServingStoppedError):
+    """One of the three servers does not answer: the message names it."""
 
 
 def door_name(server: str) -> str:
@@ -168,6 +173,10 @@ def new_client_id() -> str:
     return os.urandom(16).hex()
 
 
+def new_nonce() -> str:
+    return os.urandom(8).hex()
+
+
 class PrivateClient:
     """Ask the served model for predictions without showing it the images."""
 
@@ -249,10 +258,10 @@ class PrivateClient:
                 answer0, answer1 = self._ask(shares, deadline)
                 self._served = True
                 return self.reconstruct(answer0, answer1).reshape(len(images), -1)
-            except ServingStoppedError:
+            except ServingStoppedError as error:
                 # Nobody served this client yet (02 still starting): wait for it, within this query's
                 # time. Once served, a stop is told at once: nobody waits two minutes to learn it.
-                if self._served or time.monotonic() > deadline:
+                if self._served or time.monotonic() > deadline or isinstance(error, ServerSilentError):
                     raise
                 if not waiting_said:
                     self.say(f"Waiting up to {max(0, deadline - time.monotonic()):.0f} s for the model to be "
@@ -271,15 +280,16 @@ class PrivateClient:
         """Private class probabilities: the softmax is applied here, on the client."""
         return softmax(self.predict_logits(images, timeout))
 
-    def _metadata(self, batch: int):
-        return (("token", self.card.token), ("client", self._client_id), ("batch", str(batch)))
+    def _metadata(self, batch: int, nonce: str = ""):
+        return (("token", self.card.token), ("client", self._client_id), ("query", nonce or new_nonce()),
+                ("batch", str(batch)))
 
     def _ask(self, shares, deadline: float):
         """Send share i to server i's door, both at once; return the two shares of the answer."""
         self._check_open()
-        batch = len(shares[0])
+        batch, nonce = len(shares[0]), new_nonce()  # the same nonce at both doors: one query
         bodies = [share.astype(WORD).tobytes() for share in shares]
-        calls = {server: self._stubs[server][ASK].future(body, metadata=self._metadata(batch),
+        calls = {server: self._stubs[server][ASK].future(body, metadata=self._metadata(batch, nonce),
                                                            timeout=max(0.1, deadline - time.monotonic()))
                  for server, body in zip(DOORS, bodies)}
         try:
@@ -335,6 +345,9 @@ class PrivateClient:
             return NotAdmittedError(f"{server}'s door does not admit your token: it is unknown there, or "
                                     "was revoked. Ask the model owner for a new card (on one machine: run "
                                     "notebook 02's admit cell again).")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+            return RequestRefusedError(f"{server}'s door refused this request: it is larger than a batch of the "
+                                       f"{self.card.max_batch} images the servers accept")
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
                     grpc.StatusCode.RESOURCE_EXHAUSTED):
             return NotAdmittedError(f"{server}'s door refused: {details}")
@@ -342,6 +355,8 @@ class PrivateClient:
             return ServingStoppedError(details[len(NOT_SERVING):])
         if code == grpc.StatusCode.FAILED_PRECONDITION and details.startswith(NOT_PUBLISHED):
             return LookupError(details[len(NOT_PUBLISHED):])
+        if code == grpc.StatusCode.UNAVAILABLE and details.startswith(SERVER_SILENT):
+            return ServerSilentError(details[len(SERVER_SILENT):])
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
             return RequestRefusedError(f"{server}'s door refused this request: {details}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -1,42 +1,42 @@
 """A door: the TLS service beside server0 or server1 through which clients reach the served model.
 
-Clients never join the servers' TensorFlow runtime (it listens on loopback or a private
-address only). A client sends each door one share of its batch; the door checks the
-token and the request, puts the share where the serving side computes on it (the
-client's queues on its own server, queues.py), and returns its own server's share of the
-answer. Nothing else passes through: server0's door never sees server1's share, nor the
-other way round, and neither can run anything on the servers.
+Clients never join the servers' TensorFlow runtime (it listens on loopback or a private address only).
+A client sends each door one share of its batch; the door checks the token and the request, stages the
+share in its own server's tables (queues.py), and returns its own server's share of the answer. Nothing
+else passes through: server0's door never sees server1's share, nor the other way round, and neither
+can run anything on the servers. Every query is named by a key both doors derive from the client's
+token, the id it drew and the query's random nonce, so no client can reach another's query.
 
-A query is put to the serving side only once both shares are in: server1's door says so
-in a queue on server0 (``arrival_queue``), and server0's door waits for that before it
-puts in its share and the request. A client that sends one share only costs the doors a
-few seconds of one thread at server0's door (a share sent to server1's door alone waits
-there until its client gives up); the serving side never sees its request.
+server0's door decides whether a query is taken, and is the only one that counts its images: server1's
+door stages its share and says so on server0 (the arrivals queue); server0's door waits up to
+PARTNER_SECONDS for that note, stages its own share and puts the request in the queue of the side that
+serves. If the note never comes, server0's door refuses; if server0's door refused a query, or never got
+it, the share server1's door staged is removed as soon as its note arrives, or PARTNER_SECONDS after,
+and server1's door tells its client. So a query is taken at both doors or at neither, and a share never
+stays on a server without its twin. What the servers hold of a query taken and then abandoned is
+removed when the serving side answers it (its answer, by the doors) or stops (its shares, by server0's
+door).
 
-A client that says it is done (``Done``, server0's door only) puts a request of no images
-and no shares in the serving side's queue: notebook 02's serving ends there, a class's
-goes on (serving.py).
+No call holds a thread while it waits. The door runs on grpc.aio: a call that waits for its partner's
+note or for its answer is a coroutine waiting for a future, which one thread per door resolves from the
+servers' notices (the answered queue, and on server0 the arrivals). The door's few TensorFlow calls that
+return at once (staging a share, reading the lease) run on a small pool of threads. A watch ends the
+waits that must end: serving stopped, a server fell silent (named to the client), or the call's time ran
+out; a client that leaves cancels its coroutine.
 
-A call with a token that is not admitted (or revoked) is refused before gRPC reads its
-body or gives it a thread (``_Handlers``): a stranger holds up nothing. The door runs in
-its server's own process and reaches it through a TensorFlow session on the in-process
-server (server1's door also writes its note to server0, over the servers' runtime). Each
-client's queues are named by a hash of its token and of the id it chose, so no client
-can address another's. After a failed query the door closes that client's answer queue
-and forgets it: a late answer fails there instead of waiting for a reader, and the client
-draws a new id.
+A call with a token that is not admitted (or revoked) is refused before gRPC reads its body
+(``_Handlers``): a stranger holds up nobody.
 """
-import hashlib
+import asyncio
 import json
 import re
 import sys
 import threading
 import time
-import weakref
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Dict, Optional
 
 import grpc
 import numpy as np
@@ -45,23 +45,28 @@ from tensorflow.python.ops import gen_data_flow_ops as queue_ops
 from ._tf import tf
 from .admission import AdmissionError, Gate, admissions_path, certificate_path, digest
 from .certificates import fingerprint, make_certificate
-from .client import ASK, COSTS, DONE, HELLO, NOT_PUBLISHED, NOT_SERVING, WORD
+from .client import ASK, COSTS, DONE, HELLO, NOT_PUBLISHED, NOT_SERVING, SERVER_SILENT, WORD
 from .config import ClusterConfig
+from .data import IMAGE_SHAPE
 from .protocol import tfe_config
-from .data import IMAGE_SHAPE, NUM_CLASSES
-from .queues import (MAX_BATCH_SIZE, NOBODY, SERVING_SILENCE, PublishedCosts, ServingLease, arrival_queue,
-                     bucket_of, input_queues, output_queue, request_queue)
+from .queues import (CLASSES, MAX_BATCH_SIZE, NO_PARTNER, NOBODY, PIXELS, REFUSED, REQUEST_DTYPES, SERVING_SILENCE,
+                     PublishedCosts, ServerTables, ServingLease, arrivals_queue, bucket_of, query_key, request_queue)
+from .watch import first_dead_server
+from .ports import port_is_silent
 
 PARTNER_SECONDS = 10.0  # how long server0's door waits for server1's to say the other share is in
 LONGEST_WAIT = 600.0  # for an answer, whatever the client's deadline
-WATCH_SECONDS = 0.25  # how often the door looks whether a wait must end (client gone, serving stopped)
-REMEMBERED = 512  # clients whose queues a door keeps; the oldest idle ones are deleted beyond that
-AT_ONCE_PER_TOKEN = 2  # queries of one token in flight at once: one token never fills the door
+WATCH_SECONDS = 0.25  # how often the door looks whether a wait must end (serving stopped, a server silent)
+PROBE_SECONDS = 1.0  # how often it looks whether every server still answers
+AT_ONCE_PER_TOKEN = 2  # queries of one token in flight at once, at each door
+QUICK_THREADS = 8  # for TensorFlow calls that return at once; none waits for a client
+RUN_MS = 5000  # the limit of such a call
 CLIENT_ID = re.compile(r"[0-9a-f]{32}")
+NONCE = re.compile(r"[0-9a-f]{16}")
 REQUEST_BYTES = MAX_BATCH_SIZE * int(np.prod(IMAGE_SHAPE)) * WORD.itemsize
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", REQUEST_BYTES + 4096),  # larger: refused by gRPC, unread
-    ("grpc.max_send_message_length", MAX_BATCH_SIZE * NUM_CLASSES * WORD.itemsize + 4096),
+    ("grpc.max_send_message_length", MAX_BATCH_SIZE * CLASSES * WORD.itemsize + 4096),
     # Clients ping every 2 s while they wait (client.CHANNEL_OPTIONS), to notice a silent door.
     ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
     ("grpc.http2.max_ping_strikes", 0),
@@ -75,46 +80,93 @@ class _Refusal(Exception):
         self.code = code
 
 
-# A session's first run also places its graph on the servers: on a loaded machine (2 cores, a
-# class asking at once) that alone can take seconds, so it gets longer than the later ones.
+def _serving_stopped(what: str = "the serving side stopped before answering") -> _Refusal:
+    return _Refusal(grpc.StatusCode.FAILED_PRECONDITION, NOT_SERVING + f"{what}. Ask again once it serves.")
+
+
+# A session's first run also places its graph on the servers: on a loaded machine (2 cores, a class
+# asking at once) that alone can take seconds, so it gets longer than the later ones.
 FIRST_RUN_MS = 30000
-_warm = weakref.WeakSet()  # sessions that have run once
 
 
-def _run(session, fetches, milliseconds: int, feed=None):
-    limit = milliseconds if session in _warm else max(milliseconds, FIRST_RUN_MS)
-    found = session.run(fetches, feed, options=tf.compat.v1.RunOptions(timeout_in_ms=int(limit)))
-    _warm.add(session)
-    return found
+class _Servers:
+    """The door's TensorFlow graph: every operation it runs on the servers, with one session to run them.
 
+    Sessions are thread-safe: the door's pool runs several calls at once, and its dispatchers wait in
+    theirs (a dequeue) for as long as the server runs.
+    """
 
-class _ClientGraph:
-    """The few operations a door runs for one client: its queues on this server (and the arrival note)."""
-
-    def __init__(self, target: str, servers, index: int, queue_id: str):
-        self.graph = tf.Graph()
-        devices = [servers.server_0.device_name, servers.server_1.device_name]
-        own = devices[index]
-        with self.graph.as_default():
-            self.share = tf.compat.v1.placeholder(tf.int64, (None,) + IMAGE_SHAPE)
+    def __init__(self, target: str, players, index: int):
+        self.index = index
+        devices = [players.server_0.device_name, players.server_1.device_name]
+        self.server0 = devices[0]
+        self.graph = graph = tf.Graph()
+        with graph.as_default():
+            tables = [ServerTables(device, i) for i, device in enumerate(devices)]
+            own = tables[index]
+            self.key = tf.compat.v1.placeholder(tf.int64, ())
             self.batch = tf.compat.v1.placeholder(tf.int64, ())
-            inputs = input_queues(servers, queue_id)
-            arrived = arrival_queue(devices[0], queue_id).handle
-            outputs = output_queue(own, index, queue_id).handle
-            with tf.device(own):
-                put = queue_ops.queue_enqueue_v2(inputs[index].handle, [self.share])
-                self.take_answer = queue_ops.queue_dequeue_v2(outputs, [tf.int64])[0]
-                self.close = queue_ops.queue_close_v2(outputs, cancel_pending_enqueues=True)
+            self.rows = tf.compat.v1.placeholder(tf.int64, (None, PIXELS))
+            with tf.device(own.device):
+                staged = own.put_share(self.key, self.batch, self.rows)
+                self.take_answer = own.take_answer(self.key, self.batch)
+                self.drop = own.forget(self.key[None])
+                self.notice = queue_ops.queue_dequeue_v2(own.answered, [tf.int64, tf.int64])
             with tf.device(devices[0]):
-                if index == 1:
-                    with tf.control_dependencies([put]):  # the note goes after the share
-                        put = queue_ops.queue_enqueue_v2(arrived, [self.batch])
-                else:
-                    self.take_arrival = queue_ops.queue_dequeue_v2(arrived, [tf.int64])[0]
-                    self.close_arrival = queue_ops.queue_close_v2(arrived, cancel_pending_enqueues=True)
-            self.put = put
-        self.session = tf.compat.v1.Session(target, graph=self.graph)
-        self.busy = False
+                self.lease = ServingLease(devices[0])._current()
+                self.published = PublishedCosts(devices[0]).current()
+                arrivals = arrivals_queue(devices[0])
+            if index == 1:
+                with tf.device(devices[0]), tf.control_dependencies([staged]):  # the note after the share
+                    self.stage = queue_ops.queue_enqueue_v2(arrivals, [self.key, self.batch])
+            else:
+                self.stage = staged
+                with tf.device(devices[0]):
+                    self.arrival = queue_ops.queue_dequeue_v2(arrivals, [tf.int64, tf.int64])
+                # Forget a query on both servers; tell server1's door there is no partner (rollback).
+                forgotten = [tables[0].forget(self.key[None])]
+                with tf.device(devices[1]):
+                    forgotten.append(tables[1].forget(self.key[None]))
+                    with tf.control_dependencies(forgotten):
+                        self.no_partner = tables[1].say(self.key[None], tf.constant([NO_PARTNER], tf.int64))
+                self.forget_both = tf.group(*forgotten)
+        self.session = tf.compat.v1.Session(target, graph=graph)
+        self._warm = False
+        self._requests: Dict[str, tuple] = {}  # serving session -> (session, enqueue), the current one only
+        self._requests_lock = threading.Lock()
+        self.target, self.players = target, players
+
+    def run(self, fetches, feed=None, milliseconds: int = RUN_MS):
+        limit = milliseconds if self._warm else max(milliseconds, FIRST_RUN_MS)
+        found = self.session.run(fetches, feed, options=tf.compat.v1.RunOptions(timeout_in_ms=int(limit)))
+        self._warm = True
+        return found
+
+    def wait(self, fetch):
+        """A dequeue that waits as long as it takes: for a dispatcher's thread only."""
+        return self.session.run(fetch)
+
+    def request(self, owner: str, key: int, batch: int) -> None:
+        """Put the request (key, batch) in the queue of serving side ``owner`` (batch 0: a goodbye)."""
+        with self._requests_lock:
+            if owner not in self._requests:
+                graph = tf.Graph()
+                with graph.as_default():
+                    key_, batch_ = (tf.compat.v1.placeholder(tf.int64, ()) for _ in range(2))
+                    with tf.device(self.server0):
+                        put = queue_ops.queue_enqueue_v2(request_queue(self.players, owner).handle, [key_, batch_])
+                for old in self._requests.values():
+                    old[0].close()
+                self._requests = {owner: (tf.compat.v1.Session(self.target, graph=graph), key_, batch_, put)}
+            session, key_, batch_, put = self._requests[owner]
+        session.run(put, {key_: key, batch_: batch}, options=tf.compat.v1.RunOptions(timeout_in_ms=FIRST_RUN_MS))
+
+
+class _Wait:
+    """A call waiting for its answer: the future the dispatcher resolves, and why it may have to end."""
+
+    def __init__(self, future: asyncio.Future, owner: str, deadline: float):
+        self.future, self.owner, self.deadline = future, owner, deadline
 
 
 class Door:
@@ -122,303 +174,386 @@ class Door:
 
     def __init__(self, config: ClusterConfig, config_path, server: str, target: str):
         self.index = int(server[-1])
+        self.name, self.config = server, config
+        self.gate = Gate(admissions_path(Path(config_path).parent))
         # server0 and server1 as the queues' functions name them (protocol.server_0, ...): the players.
         players = tfe_config(config)
-        self.servers = SimpleNamespace(server_0=players.get_player("server0"), server_1=players.get_player("server1"))
-        self.server0 = self.servers.server_0.device_name
-        self.target = target
-        self.gate = Gate(admissions_path(Path(config_path).parent))
-        self._lock = threading.Lock()
-        self._clients = OrderedDict()
-        self._in_flight = {}  # token digest -> queries now
-        self._requests = {}  # serving session -> (session, placeholders, enqueue); the current one only
-        self._lease_session, self._lease = self._lease_graph()
-        self._waits = {}  # a wait on the servers -> (context, owner, deadline, queue to close to end it)
-        self._waits_lock = threading.Lock()
-        self._ended = {}  # a wait -> why the watch ended it
-        threading.Thread(target=self._watch, name=f"{server}-door watch", daemon=True).start()
-        key, self.certificate = make_certificate(server)
-        host, port = config.door_address(server)
-        self.grpc = grpc.server(ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"{server}-door"),
-                                options=SERVER_OPTIONS, maximum_concurrent_rpcs=256)
+        players = SimpleNamespace(server_0=players.get_player("server0"), server_1=players.get_player("server1"))
+        self.servers = _Servers(target, players, self.index)
+        self.pool = ThreadPoolExecutor(QUICK_THREADS, thread_name_prefix=f"{server}-door")
+        self.key, self.certificate = make_certificate(server)
+        self.address = config.door_address(server)
+        path = certificate_path(Path(config_path).parent, server)
+        path.write_bytes(self.certificate)
+        self.fingerprint = fingerprint(self.certificate)
+        # Touched only on the door's event loop:
+        self._waits: Dict[int, _Wait] = {}  # query key -> a call waiting for its answer
+        self._known: Dict[int, float] = {}  # keys of queries this door took (a late answer is dropped)
+        self._busy = set()  # (token digest, client id) with a query in flight here: one at a time
+        self._in_flight: Dict[str, int] = {}  # token digest -> queries in flight here
+        self._notes: Dict[int, tuple] = {}  # server0: (batch, arrival time) of notes no call has claimed yet
+        self._note_waits: Dict[int, asyncio.Future] = {}  # server0: calls waiting for their partner's note
+        self._refused: Dict[int, float] = {}  # server0: keys refused or given up before they were taken
+        self._taken: Dict[int, str] = {}  # server0: keys taken, not yet answered -> the serving side
+        self._owner = None  # the serving side, as the watch last read it (None: not read yet)
+        self._silent: Optional[str] = None  # why a server is not answering, as the watch last probed
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+
+    def start(self) -> "Door":
+        """Serve on an event loop of its own; raise OSError if the door's address cannot be taken."""
+        started, failure = threading.Event(), []
+
+        def run():
+            self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.loop.run_until_complete(self._open())
+            except BaseException as error:  # noqa: BLE001  (handed to the starting thread)
+                failure.append(error)
+                started.set()
+                return
+            started.set()
+            self.loop.run_forever()
+
+        threading.Thread(target=run, name=f"{self.name}-door loop", daemon=True).start()
+        started.wait()
+        if failure:
+            raise failure[0]
+        for name, fetch, handle in ((f"{self.name}-door answers", self.servers.notice, self._answered),) + (
+                ((f"{self.name}-door arrivals", self.servers.arrival, self._arrived),) if self.index == 0 else ()):
+            threading.Thread(target=self._dispatch, args=(fetch, handle), name=name, daemon=True).start()
+        return self
+
+    async def _open(self):
+        self.grpc = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=1024)
         methods = {ASK: grpc.unary_unary_rpc_method_handler(self._ask),
                    HELLO: grpc.unary_unary_rpc_method_handler(self._hello)}
         if self.index == 0:  # the request queue, where a goodbye goes, and the published costs are on server0
             methods[DONE] = grpc.unary_unary_rpc_method_handler(self._done)
             methods[COSTS] = grpc.unary_unary_rpc_method_handler(self._costs)
         self.grpc.add_generic_rpc_handlers([_Handlers(self.gate, methods)])
-        if self.grpc.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, self.certificate)])) == 0:
-            raise OSError(f"{server}'s door cannot listen on {host}:{port}: is that port taken, or not an "
+        host, port = self.address
+        if self.grpc.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(self.key, self.certificate)])) == 0:
+            raise OSError(f"{self.name}'s door cannot listen on {host}:{port}: is that port taken, or not an "
                           "address of this machine?")
-        path = certificate_path(Path(config_path).parent, server)
-        path.write_bytes(self.certificate)
-        self.fingerprint = fingerprint(self.certificate)
-
-    def start(self) -> "Door":
-        self.grpc.start()
-        return self
+        await self.grpc.start()
+        asyncio.ensure_future(self._watch())
 
     # -- the servers' side -------------------------------------------------------------------------
 
-    def _lease_graph(self):
-        """A session that reads, on server0, who serves (the lease) and what the serving side published."""
-        graph = tf.Graph()
-        with graph.as_default(), tf.device(self.server0):
-            lease = ServingLease(self.server0)._current()
-            self._published = PublishedCosts(self.server0).current()
-        return tf.compat.v1.Session(self.target, graph=graph), lease
+    async def _quick(self, function, *args):
+        """A TensorFlow call that returns at once, on the door's pool: the event loop never waits on it."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
 
-    def _serving(self) -> str:
-        """The serving side's session, or refuse: nobody serves the model now."""
-        owner, age = _run(self._lease_session, self._lease, 5000)
-        owner = owner.decode()
-        if owner == NOBODY or age > SERVING_SILENCE:
-            raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                           NOT_SERVING + "nobody serves the model now. The model owner must serve it (the serve "
-                           "cell of notebook 02, or the teach command); then ask again.")
-        return owner
+    def _dispatch(self, fetch, handle) -> None:
+        """A thread that takes the server's notices one by one, and hands each to the event loop."""
+        while True:
+            try:
+                key, value = self.servers.wait(fetch)
+            except tf.errors.OpError:  # the server is going away
+                return
+            self.loop.call_soon_threadsafe(handle, int(key), int(value))
 
-    def _put_request(self, owner: str, queue_id: str, batch: int) -> None:
-        """Put a request in the request queue of the serving side ``owner``; refuse if it has stopped.
+    def _answered(self, key: int, outcome: int) -> None:
+        """The serving side answered query ``key`` (``outcome``: its batch size), or did not (REFUSED, ...)."""
+        self._taken.pop(key, None)
+        wait = self._waits.pop(key, None)
+        if wait is not None and not wait.future.done():
+            wait.future.set_result(outcome)
+        elif key in self._known and outcome > 0:  # its client left: nobody collects the answer
+            asyncio.ensure_future(self._quick(self.servers.run, self.servers.drop, {self.servers.key: key}))
 
-        ``batch`` 0 (and no shares) is a client's goodbye.
-        """
-        with self._lock:
-            if owner not in self._requests:
-                graph = tf.Graph()
-                with graph.as_default():
-                    client_id = tf.compat.v1.placeholder(tf.string, ())
-                    size = tf.compat.v1.placeholder(tf.int64, ())
-                    with tf.device(self.server0):
-                        put = queue_ops.queue_enqueue_v2(request_queue(self.servers, owner).handle, [client_id, size])
-                for old in self._requests.values():
-                    old[0].close()
-                self._requests = {owner: (tf.compat.v1.Session(self.target, graph=graph), client_id, size, put)}
-            session, client_id, size, put = self._requests[owner]
+    def _arrived(self, key: int, batch: int) -> None:
+        """server1's door staged its share of query ``key`` (server0's door only)."""
+        waiting = self._note_waits.pop(key, None)
+        if key in self._refused:
+            asyncio.ensure_future(self._roll_back(key))
+        elif waiting is not None and not waiting.done():
+            waiting.set_result(batch)
+        else:
+            self._notes[key] = (batch, time.monotonic())
+
+    async def _roll_back(self, key: int) -> None:
+        """Remove a query's staged shares from both servers, and tell server1's door (server0's door only)."""
+        self._refused.pop(key, None)
         try:
-            _run(session, put, 5000, {client_id: queue_id, size: batch})
+            await self._quick(self.servers.run, self.servers.no_partner, {self.servers.key: key})
         except tf.errors.OpError:
-            raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                           NOT_SERVING + "the serving side stopped. Ask again once it serves.") from None
+            pass  # a server is gone, and what it held with it
 
-    def _client(self, queue_id: str) -> _ClientGraph:
-        with self._lock:
-            client = self._clients.get(queue_id)
-            if client is None:
-                client = self._clients[queue_id] = _ClientGraph(self.target, self.servers, self.index, queue_id)
-                idle = [key for key, old in self._clients.items() if not old.busy]
-                for old_id in idle[:max(0, len(self._clients) - REMEMBERED)]:
-                    # Only the session goes: the queues stay on the server, where the serving side may
-                    # still look at them (an empty queue costs next to nothing).
-                    self._clients.pop(old_id).session.close()
-            self._clients.move_to_end(queue_id)
-            if client.busy:
-                raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                               "this client's previous query is still waiting for its answer: one at a time")
-            client.busy = True
-            return client
-
-    def _forget(self, queue_id: str, client: _ClientGraph) -> None:
-        """After a failed query: close this client's answer queue here (a late answer fails instead of
-        piling up), and forget it. Its client draws a new id for its next query."""
+    async def _forget(self, key: int) -> None:
+        """Remove what both servers hold of a query taken but never answered (server0's door only)."""
         try:
-            _run(client.session, client.close, 2000)
+            await self._quick(self.servers.run, self.servers.forget_both, {self.servers.key: key})
         except tf.errors.OpError:
             pass
-        with self._lock:
-            if self._clients.get(queue_id) is client:
-                del self._clients[queue_id]
-        client.session.close()
+
+    def _serving_now(self):
+        owner, age = self.servers.run(self.servers.lease)
+        owner = owner.decode()
+        return owner if owner != NOBODY and age <= SERVING_SILENCE else None
+
+    async def _serving(self) -> str:
+        """The serving side's session, or refuse: nobody serves the model now."""
+        try:
+            owner = await self._quick(self._serving_now)
+        except tf.errors.OpError:
+            owner = None
+        if owner is None:
+            raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                           NOT_SERVING + "nobody serves the model now. The model owner must serve it (the last "
+                           "cell of notebook 02, or the teach command); then ask again.")
+        if self._silent:
+            raise _Refusal(grpc.StatusCode.UNAVAILABLE, SERVER_SILENT + self._silent)
+        return owner
+
+    def _probe(self) -> Optional[str]:
+        """Why a server is not answering, naming it, or None."""
+        name = first_dead_server(self.config)
+        if name is None:
+            return None
+        how = "its host went silent" if port_is_silent(*self.config.address(name)) else "it stopped"
+        return (f"{name} ({self.config.hosts[name]}) is not answering ({how}): this query cannot finish. Ask "
+                "again once it is back (the model owner may have to serve the model again).")
+
+    async def _watch(self) -> None:
+        """End the waits that must end, four times a second, for as long as the server runs."""
+        next_probe = 0.0
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            try:
+                owner = await self._quick(self._serving_now)
+            except tf.errors.OpError:
+                owner = self._owner  # server0 unreachable: the probe names it
+            if time.monotonic() >= next_probe:
+                self._silent = await self._quick(self._probe)
+                next_probe = time.monotonic() + PROBE_SECONDS
+            if owner != self._owner and self._waits:  # why serving stopped: a server gone says more
+                self._silent = await self._quick(self._probe)
+            self._owner, now = owner, time.monotonic()
+            for key, wait in list(self._waits.items()):
+                if wait.future.done():
+                    continue
+                if self._silent:
+                    wait.future.set_exception(_Refusal(grpc.StatusCode.UNAVAILABLE, SERVER_SILENT + self._silent))
+                elif wait.owner and owner != wait.owner:
+                    wait.future.set_exception(_serving_stopped())
+                elif now > wait.deadline:
+                    wait.future.set_exception(_Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer in time"))
+            if self.index == 0:
+                self._tidy(owner, now)
+
+    def _tidy(self, owner, now: float) -> None:
+        """server0's door: roll back notes nobody claimed, forget the queries of a serving side gone."""
+        for key, (_, arrived) in list(self._notes.items()):
+            if now - arrived > PARTNER_SECONDS:
+                del self._notes[key]
+                asyncio.ensure_future(self._roll_back(key))
+        for key, since in list(self._refused.items()):
+            if now - since > 2 * PARTNER_SECONDS:  # its note never came: nothing to roll back
+                del self._refused[key]
+        for key, taken_by in list(self._taken.items()):
+            if taken_by != owner and not self._silent:  # that side no longer serves: it will not answer
+                del self._taken[key]
+                asyncio.ensure_future(self._forget(key))
+        for key, since in list(self._known.items()):
+            if now - since > 2 * LONGEST_WAIT:
+                del self._known[key]
 
     # -- the clients' side -------------------------------------------------------------------------
 
-    def _check(self, context, count_images: bool, cost: int = 0):
-        """(token digest, queue id, batch) of a well-formed, admitted request; else refuse.
+    def _check(self, context, kind: str):
+        """(token digest, client id, key, batch) of a well-formed, admitted call; else refuse."""
+        token, parsed = self._parse(context, kind)
+        self._admit(token, kind, parsed[3])
+        return parsed
 
-        Counted against the token's limit: the batch's images (``count_images``), or else ``cost``.
-        """
+    def _admit(self, token: str, kind: str, batch: int) -> None:
+        """Count the call against the token's limit, or refuse it: a query's images at server0's door only
+        (server1's door counts none, its queries being bounded by AT_ONCE_PER_TOKEN and PARTNER_SECONDS);
+        a greeting (HELLO) at each door, a goodbye or a question about costs at server0's, as one image."""
+        cost = (batch if self.index == 0 else 0) if kind == "ask" else 1
+        try:
+            self.gate.admit(token, cost)
+        except AdmissionError as error:
+            raise _Refusal(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
+
+    def _parse(self, context, kind: str):
+        """The token and (token digest, client id, key, batch) of a well-formed call; else refuse."""
         metadata = dict(context.invocation_metadata())
-        token, client_id, batch = metadata.get("token", ""), metadata.get("client", ""), metadata.get("batch", "")
-        if not batch.isdigit() or not (count_images is False or 1 <= int(batch) <= MAX_BATCH_SIZE):
+        token, client_id = metadata.get("token", ""), metadata.get("client", "")
+        nonce, batch = metadata.get("query", ""), metadata.get("batch", "")
+        if not batch.isdigit() or (kind == "ask" and not 1 <= int(batch) <= MAX_BATCH_SIZE):
             raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"the batch size must be 1 to {MAX_BATCH_SIZE}")
         if not CLIENT_ID.fullmatch(client_id):
             raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the client id must be 32 hexadecimal digits")
-        try:
-            self.gate.admit(token, int(batch) if count_images else cost)
-        except AdmissionError as error:
-            raise _Refusal(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
-        key = digest(token)
-        queue_id = hashlib.sha256(f"{key}:{client_id}".encode()).hexdigest()[:32]
-        return key, queue_id, int(batch)
+        if kind in ("ask", "done") and not NONCE.fullmatch(nonce):
+            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the query's nonce must be 16 hexadecimal digits")
+        token_digest = digest(token)
+        return token, (token_digest, client_id, query_key(token_digest, client_id, nonce), int(batch))
 
-    def _hello(self, request: bytes, context) -> bytes:
+    async def _hello(self, request: bytes, context) -> bytes:
         try:
-            self._check(context, count_images=False)
+            self._check(context, "hello")
         except _Refusal as refusal:
-            context.abort(refusal.code, str(refusal))
+            await context.abort(refusal.code, str(refusal))
         return b""
 
-    def _costs(self, request: bytes, context) -> bytes:
+    async def _costs(self, request: bytes, context) -> bytes:
         """What the serving side published about the batch size the client announced (its padded size):
         the plaintext model's time on the model owner's machine and the bytes the servers send each other."""
         try:
-            _, _, batch = self._check(context, count_images=False, cost=1)
+            _, _, _, batch = self._check(context, "costs")
             if not 1 <= batch <= MAX_BATCH_SIZE:
                 raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"the batch size must be 1 to {MAX_BATCH_SIZE}")
             bucket = bucket_of(batch)
-            published = json.loads(_run(self._lease_session, self._published, 5000).decode()).get(str(bucket))
+            text = await self._quick(self.servers.run, self.servers.published)
+            published = json.loads(text.decode()).get(str(bucket))
             if published is None:
                 raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION, NOT_PUBLISHED + f"nothing is published about "
                                f"batches of {batch} yet: the servers measure a batch size when they first answer "
                                "one. Ask a query of that size first.")
         except _Refusal as refusal:
-            context.abort(refusal.code, str(refusal))
+            await context.abort(refusal.code, str(refusal))
         except tf.errors.OpError:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the servers could not be read; ask again in a moment")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the servers could not be read; ask again in a moment")
         return json.dumps(dict(published, batch=bucket)).encode()
 
-    def _done(self, request: bytes, context) -> bytes:
-        """A client's goodbye: a request of no images and no shares, which the serving side reads as
-        "this client is done" (serving.py). Notebook 02's serving stops then; a class's goes on."""
+    async def _done(self, request: bytes, context) -> bytes:
+        """A client's goodbye: a request of no images, which the serving side reads as "this client is
+        done" (serving.py). A serving side for one client (``serve(until_done=True)``) stops there; a
+        class's goes on."""
         try:
-            # A goodbye costs the serving side a request to take: counted as one image, so that a
-            # token's goodbyes are bounded by its limit like its queries.
-            _, queue_id, _ = self._check(context, count_images=False, cost=1)
-            self._put_request(self._serving(), queue_id, 0)
+            _, _, key, _ = self._check(context, "done")
+            owner = await self._serving()
+            await self._quick(self.servers.request, owner, key, 0)
         except _Refusal as refusal:
-            context.abort(refusal.code, str(refusal))
-        except tf.errors.OpError:  # the serving side's lease could not be read
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, NOT_SERVING + "the serving side stopped.")
+            await context.abort(refusal.code, str(refusal))
+        except tf.errors.OpError:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NOT_SERVING + "the serving side stopped.")
         return b""
 
-    def _ask(self, request: bytes, context) -> bytes:
-        client = key = None
-        stored = False  # whether this door put anything on the servers for this query
+    async def _ask(self, request: bytes, context) -> bytes:
+        entered = key = None
+        noted = taken = False  # server0's door: server1's share is staged; the query went to the serving side
         try:
-            # Nobody serving: refused before anything is counted, made or stored.
-            owner = self._serving()
-            key, queue_id, batch = self._check(context, count_images=True)
+            owner = await self._serving()  # nobody serving: refused before anything is counted or stored
+            token, (token_digest, client_id, key, batch) = self._parse(context, "ask")
+            self._admit(token, "ask", batch)  # refused here, server1's share of it goes too (finally)
             if len(request) != batch * int(np.prod(IMAGE_SHAPE)) * WORD.itemsize:
-                key = None
                 raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                                f"the share is not a batch of {batch} images of shape {IMAGE_SHAPE} in 64-bit words")
-            with self._lock:
-                if self._in_flight.get(key, 0) >= AT_ONCE_PER_TOKEN:
-                    key = None
-                    raise _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"this token has {AT_ONCE_PER_TOKEN} queries waiting already; wait for them")
-                self._in_flight[key] = self._in_flight.get(key, 0) + 1
-            share = np.frombuffer(request, dtype=WORD).reshape((batch,) + IMAGE_SHAPE)
-            client = self._client(queue_id)
+            entered = self._enter(token_digest, client_id)
+            feed = {self.servers.key: key, self.servers.batch: batch,
+                    self.servers.rows: np.frombuffer(request, dtype=WORD).reshape(batch, PIXELS)}
+            # Once staged, the share is not needed here: nothing this call leaves (a refusal's traceback,
+            # kept until the garbage collector finds its cycle) may hold it.
+            del request
             if self.index == 0:
-                announced = self._wait(client, client.take_arrival, context, owner, PARTNER_SECONDS,
-                                       "server1's door did not receive the other share within "
-                                       f"{PARTNER_SECONDS:.0f} s; send one share to each door", client.close_arrival)
-                if int(announced) != batch:
-                    stored = True  # server1's share is in: this client's queues are spoilt
+                partner = await self._partner(key)
+                noted = True
+                if partner != batch:
                     raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"server1's door was sent a batch of {int(announced)} images, this one {batch}")
-                stored = True
-                _run(client.session, client.put, 5000, {client.share: share})
-                self._put_request(owner, queue_id, batch)
+                                   f"server1's door was sent a batch of {partner} images, this one {batch}")
+                answer = self._wait_for(key, owner)
+                await self._quick(self.servers.run, self.servers.stage, feed)
+                del feed
+                try:
+                    await self._quick(self.servers.request, owner, key, batch)
+                except tf.errors.OpError:
+                    raise _serving_stopped("the serving side stopped") from None
+                taken = True
+                self._taken[key] = owner
             else:
-                stored = True
-                _run(client.session, client.put, 5000, {client.share: share, client.batch: batch})
-            answer = self._wait(client, client.take_answer, context, owner, LONGEST_WAIT, "no answer in time")
-            if answer.ndim != 2:  # an empty vector: the serving side refused the request
+                answer = self._wait_for(key, owner)
+                await self._quick(self.servers.run, self.servers.stage, feed)
+                del feed
+            outcome = await answer
+            if outcome == NO_PARTNER:
+                raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"server0's door did not receive the other "
+                               f"share within {PARTNER_SECONDS:.0f} s; send one share to each door")
+            if outcome != batch:
                 raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                                f"the serving side refused it: the two shares are not a batch of {batch} images")
-            stored = False
-            return answer.astype(WORD).tobytes()
+            found = await self._quick(self.servers.run, self.servers.take_answer,
+                                      {self.servers.key: key, self.servers.batch: batch})
+            return found.astype(WORD).tobytes()
         except _Refusal as refusal:
-            context.abort(refusal.code, str(refusal))
+            why = refusal.code, str(refusal)
         except tf.errors.OpError as error:
             # TensorFlow's own words name the servers' internal addresses: they go to this server's
             # log, for its operator, not to the client.
             print(f"door: a query failed on the servers: {type(error).__name__}: "
                   f"{error.message.splitlines()[0][:300]}", file=sys.stderr, flush=True)
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the servers could not take this query (one of them may "
-                          "have stopped); ask again in a moment")
+            why = (grpc.StatusCode.UNAVAILABLE, "the servers could not take this query (one of them may have "
+                   "stopped); ask again in a moment")
         finally:
-            if client is not None:
-                client.busy = False
-                if stored:
-                    self._forget(queue_id, client)
             if key is not None:
-                with self._lock:
-                    self._in_flight[key] -= 1
+                self._waits.pop(key, None)
+                self._note_waits.pop(key, None)
+                if self.index == 0 and noted and not taken:  # both shares may be staged, with no request
+                    asyncio.ensure_future(self._roll_back(key))
+                elif self.index == 0 and not taken:
+                    self._give_up(key)
+            if entered is not None:
+                self._leave(*entered)
+        # Refused outside the except blocks: the abort's exception then keeps no refusal, and with it no
+        # frame of this call (its traceback's), alive.
+        await context.abort(*why)
 
-    def _wait(self, client: _ClientGraph, fetch, context, owner: str, seconds: float, late: str, close=None):
-        """Run ``fetch``, a dequeue, until it returns; refuse if the client left, serving stopped, or
-        ``seconds`` passed.
+    def _enter(self, token_digest: str, client_id: str):
+        """Count a query in flight; refuse the token's third at once, or a client's second query."""
+        if self._in_flight.get(token_digest, 0) >= AT_ONCE_PER_TOKEN:
+            raise _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"this token has {AT_ONCE_PER_TOKEN} queries waiting already; wait for them")
+        if (token_digest, client_id) in self._busy:
+            raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                           "this client's previous query is still waiting for its answer: one at a time")
+        self._in_flight[token_digest] = self._in_flight.get(token_digest, 0) + 1
+        self._busy.add((token_digest, client_id))
+        return token_digest, client_id
 
-        The dequeue waits without a time limit: a step stopped by its deadline can have taken an element
-        already, and lose it (seen: a query in a few hundred left unanswered). To end the wait, the
-        watch closes the queue it waits on (``close``), which ends a dequeue only while the queue is
-        empty: nothing is ever lost. Whether the watch ended this wait is settled under ``_waits_lock``
-        when it ends, so the watch never closes the queues of a wait that has already returned: the
-        same client's next query waits on them (seen: a class's query failed now and then).
-        """
-        token = object()
-        with self._waits_lock:
-            self._waits[token] = (context, owner, time.monotonic() + seconds, client, close or client.close, late)
-        failure = found = None
+    def _leave(self, token_digest: str, client_id: str) -> None:
+        self._in_flight[token_digest] -= 1
+        if not self._in_flight[token_digest]:
+            del self._in_flight[token_digest]
+        self._busy.discard((token_digest, client_id))
+
+    def _wait_for(self, key: int, owner: str) -> asyncio.Future:
+        """Register this call for query ``key``'s answer, before the query can be answered."""
+        future = asyncio.get_running_loop().create_future()
+        self._waits[key] = _Wait(future, owner, time.monotonic() + LONGEST_WAIT)
+        self._known[key] = time.monotonic()
+        return future
+
+    async def _partner(self, key: int) -> int:
+        """server0's door: the batch size server1's door staged for query ``key``, once its note is in."""
+        if key in self._notes:
+            return self._notes.pop(key)[0]
+        future = asyncio.get_running_loop().create_future()
+        self._note_waits[key] = future
         try:
-            found = client.session.run(fetch)
-        except tf.errors.OpError as error:
-            failure = error
-        finally:
-            with self._waits_lock:
-                self._waits.pop(token, None)
-                ended = self._ended.pop(token, None)
-        if ended is not None:  # its queue is closed now: this client's next query must use new ones
-            raise ended
-        if failure is not None:
-            raise failure
-        return found
+            return await asyncio.wait_for(future, PARTNER_SECONDS)
+        except asyncio.TimeoutError:
+            raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"server1's door did not receive the other share within {PARTNER_SECONDS:.0f} s; "
+                           "send one share to each door") from None
 
-    def _watch(self) -> None:
-        """End the waits that must end, four times a second, for as long as the server runs."""
-        while True:
-            time.sleep(WATCH_SECONDS)
-            if self._waits:
-                self._end_waits()
-
-    def _end_waits(self) -> None:
-        try:
-            owner_now = self._serving()
-        except _Refusal:
-            owner_now = None  # nobody serves
-        except tf.errors.OpError:
-            return  # server0 unreachable: the serving side, and then the lease, tell
-        with self._waits_lock:
-            waiting = list(self._waits.items())
-        for token, (context, owner, deadline, client, close, late) in waiting:
-            if not context.is_active():
-                why = _Refusal(grpc.StatusCode.CANCELLED, "the client left")
-            elif owner_now != owner:
-                why = _Refusal(grpc.StatusCode.FAILED_PRECONDITION, NOT_SERVING + "the serving side stopped "
-                               "before answering. Ask again once it serves.")
-            elif time.monotonic() > deadline:
-                why = _Refusal(grpc.StatusCode.FAILED_PRECONDITION, late)
-            else:
-                continue
-            with self._waits_lock:
-                if token not in self._waits:
-                    continue  # it returned meanwhile (its client may be waiting on these queues again)
-                self._ended[token] = why
-            try:
-                _run(client.session, close, 2000)
-            except Exception:  # noqa: BLE001  (an OpError, or a session its query closed already)
-                pass
+    def _give_up(self, key: int) -> None:
+        """server0's door did not take query ``key``: server1's share of it goes, now or when its note comes."""
+        if key in self._notes:
+            del self._notes[key]
+            asyncio.ensure_future(self._roll_back(key))
+        else:
+            self._refused[key] = time.monotonic()
 
 
 class _Handlers(grpc.GenericRpcHandler):
     """Find the method of a call, unless its token was never admitted or was revoked.
 
-    gRPC asks this before it gives the call a thread or reads its body: a call it gets no
-    method for is refused there and then (as UNIMPLEMENTED, which the client reads as "not
-    admitted"), so that strangers, however many and however slow, hold up nobody.
+    gRPC asks this before it reads the call's body: a call it gets no method for is refused there and
+    then (as UNIMPLEMENTED, which the client reads as "not admitted"), so that strangers, however many
+    and however slow, hold up nobody.
     """
 
     def __init__(self, gate: Gate, methods):

@@ -1,36 +1,42 @@
-"""What the clients and the serving side share on the servers: queues, and who is serving.
+"""What the doors and the serving side share on the servers: tables, queues, and who is serving.
 
-Each client owns four queues, named by a random client id: its two input shares (one
-on server0, one on server1) and the two shares of its answer. A serving side, while it
-serves, owns a request queue on server0 of its own, which says whose input to take
-next, and holds the *serving lease*: two variables on server0 naming it and the time
-(server0's clock) of its last heartbeat. Clients read the lease to find the request
-queue, and to notice within seconds when nobody serves any more.
+A query is named by a *key*, a number both doors derive from the client's token, the id it drew and the
+random nonce of the query (``query_key``). On server0 and on server1, three tables hold what is in
+flight by key (``ServerTables``): the rows of each query's share (row key = key * MAX_BATCH_SIZE + row),
+its batch size (the share is complete), and the rows of that server's share of the answer. Nothing in a
+table waits in line: a share without its twin, or an answer nobody collects, is removed by key, exactly.
 
-A client puts its two shares in its queues and its request in the request queue in one
-call, the request after both shares; the answer comes back through the client's own
-queues, so no client can receive another's prediction, however many ask at once.
+Three queues carry keys, never shares: server1's door says on server0 that its share of a query is in
+(``arrivals``); server0's door then puts the query in the request queue of the side that serves
+(``request_queue``, one per serving session); the serving side says on each server which queries it has
+answered or refused (``answered``). A serving side, while it serves, holds the *serving lease*: two
+variables on server0 naming it and the time (server0's clock) of its last heartbeat, which the doors read
+to find the request queue and to notice within seconds when nobody serves any more.
 
-Every call here that may wait (a dequeue) is a traced function, and is cancelled by
-closing its queue; eager remote ops are not used for that, because one eager call
-that blocks on a server holds up every later call from this process to that server.
+Every call here that may wait (a dequeue) is a traced function, and is cancelled by closing its queue;
+eager remote ops are not used for that, because one eager call that blocks on a server holds up every
+later call from this process to that server.
 """
-import uuid
+import hashlib
 from typing import List, Tuple
 
-from tensorflow.python.ops import gen_data_flow_ops, gen_resource_variable_ops
+from tensorflow.python.ops import gen_data_flow_ops, gen_lookup_ops, gen_resource_variable_ops
 
 from ._tf import tf
 
 PREFIX = "private-predictions"
-CAPACITY = 64
+CAPACITY = 256  # requests waiting for the serving side; a door that finds the queue full refuses
 # Larger batches gain little speed (a few per cent from 32 to 128) and cost the servers memory
 # (up to 1.7 GiB each at 128, measured): 64 keeps a benchmark's processes under 6 GB together.
 MAX_BATCH_SIZE = 64
 # Every batch is padded up to one of these sizes, so the network is traced into a graph at most
 # four times (tracing SecureNN takes seconds), whatever sizes clients send.
 BATCH_BUCKETS = (1, 8, 32, MAX_BATCH_SIZE)
-REQUEST_DTYPES = (tf.string, tf.int64)  # client id, batch size
+PIXELS, CLASSES = 28 * 28, 10  # a row of a share, a row of an answer
+KEY_BITS = 56  # a query's key; its rows' keys (key * 64 + row) stay below 2^62
+# What the answered queue says instead of a batch size when a query got no answer:
+REFUSED = -1  # the serving side found no complete shares, or a malformed query
+NO_PARTNER = -2  # server0's door never got the query's other share: server1's share was removed
 
 
 def bucket_of(batch: int) -> int:
@@ -38,21 +44,106 @@ def bucket_of(batch: int) -> int:
     return next(size for size in BATCH_BUCKETS if size >= batch)
 
 
+def query_key(token_digest: str, client_id: str, nonce: str) -> int:
+    """The key of one query: the same at both doors, and no client can make another token's key."""
+    return int(hashlib.sha256(f"{token_digest}:{client_id}:{nonce}".encode()).hexdigest()[:KEY_BITS // 4], 16)
+
+
+def row_keys(keys, batches):
+    """The rows' keys of queries ``keys`` of ``batches`` images each, in order (a graph op)."""
+    starts = tf.repeat(keys * MAX_BATCH_SIZE, batches)
+    firsts = tf.repeat(tf.cumsum(batches, exclusive=True), batches)
+    return starts + tf.range(tf.reduce_sum(batches), dtype=tf.int64) - firsts
+
+
+def all_rows(keys):
+    """Every row key a query of ``keys`` may have used, whatever its batch (a graph op)."""
+    return tf.reshape(keys[:, None] * MAX_BATCH_SIZE + tf.range(MAX_BATCH_SIZE, dtype=tf.int64)[None, :], [-1])
+
+
+class ServerTables:
+    """One server's tables (server0's or server1's), as handles: made where their device is."""
+
+    def __init__(self, device: str, index: int):
+        self.device, self.index = device, index
+        with tf.device(device):
+            name = f"{PREFIX}/server{index}"
+            self.shares = gen_lookup_ops.mutable_hash_table_of_tensors_v2(
+                key_dtype=tf.int64, value_dtype=tf.int64, value_shape=[PIXELS], shared_name=f"{name}/shares")
+            self.batches = gen_lookup_ops.mutable_hash_table_v2(
+                key_dtype=tf.int64, value_dtype=tf.int64, shared_name=f"{name}/batches")
+            self.answers = gen_lookup_ops.mutable_hash_table_of_tensors_v2(
+                key_dtype=tf.int64, value_dtype=tf.int64, value_shape=[CLASSES], shared_name=f"{name}/answers")
+            self.answered = gen_data_flow_ops.fifo_queue_v2(
+                component_types=[tf.int64, tf.int64], shapes=[[], []], capacity=-1, shared_name=f"{name}/answered")
+
+    def handles(self):
+        return self.shares, self.batches, self.answers, self.answered
+
+    # Graph ops on these tables (each made on the table's own device by the caller's tf.device scope).
+
+    def put_share(self, key, batch, rows):
+        """Stage a query's share: its rows first, then its batch size, which says the share is complete."""
+        inserted = gen_lookup_ops.lookup_table_insert_v2(self.shares, row_keys(key[None], batch[None]), rows)
+        with tf.control_dependencies([inserted]):
+            return gen_lookup_ops.lookup_table_insert_v2(self.batches, key[None], batch[None])
+
+    def forget(self, keys):
+        """Remove everything of queries ``keys`` from this server: shares, batch sizes, answers."""
+        return tf.group(gen_lookup_ops.lookup_table_remove_v2(self.shares, all_rows(keys)),
+                        gen_lookup_ops.lookup_table_remove_v2(self.batches, keys),
+                        gen_lookup_ops.lookup_table_remove_v2(self.answers, all_rows(keys)))
+
+    def take_answer(self, key, batch):
+        """This server's share of a query's answer, removed from its table."""
+        keys = row_keys(key[None], batch[None])
+        rows = gen_lookup_ops.lookup_table_find_v2(self.answers, keys, tf.zeros([CLASSES], tf.int64))
+        rows.set_shape([None, CLASSES])
+        with tf.control_dependencies([rows]):
+            removed = gen_lookup_ops.lookup_table_remove_v2(self.answers, keys)
+        with tf.control_dependencies([removed]):
+            return tf.identity(rows)
+
+    def say(self, keys, outcomes):
+        """Tell this server's door which queries were answered (their batch size) or not (REFUSED, ...)."""
+        return gen_data_flow_ops.queue_enqueue_many_v2(self.answered, [keys, outcomes])
+
+    def present(self, keys):
+        """The batch size staged for each of ``keys`` on this server, or -1."""
+        found = gen_lookup_ops.lookup_table_find_v2(self.batches, keys, tf.constant(-1, tf.int64))
+        found.set_shape(keys.shape)  # what the table's op does not say
+        return found
+
+
+def server_tables(protocol) -> List[ServerTables]:
+    return [ServerTables(server.device_name, index)
+            for index, server in enumerate((protocol.server_0, protocol.server_1))]
+
+
+def arrivals_queue(device0: str):
+    """On server0: server1's door says here (key, batch) once its share of a query is in (door.py)."""
+    with tf.device(device0):
+        return gen_data_flow_ops.fifo_queue_v2(component_types=[tf.int64, tf.int64], shapes=[[], []],
+                                               capacity=-1, shared_name=f"{PREFIX}/arrivals")
+
+
+REQUEST_DTYPES = (tf.int64, tf.int64)  # a query's key, its batch size (0: the client's goodbye)
+
+
 class SharedQueue:
     """A FIFO queue that lives on one server, shared by name between processes.
 
     tf.queue.FIFOQueue deletes the queue on the server as soon as the Python object
     holding it is collected, even when other processes still use it by name: one client
-    that exits would delete a queue for everybody. This handle never deletes the queue;
-    only :meth:`delete` does.
+    that exits would delete a queue for everybody. This handle never deletes the queue.
     """
 
-    def __init__(self, device: str, shared_name: str, dtypes=(tf.int64,), capacity: int = CAPACITY):
+    def __init__(self, device: str, shared_name: str, dtypes=REQUEST_DTYPES, capacity: int = CAPACITY):
         self.device, self.shared_name = device, shared_name
         with tf.device(device):
-            # No fixed shape: one queue carries batches of any size.
             self.handle = gen_data_flow_ops.fifo_queue_v2(
-                component_types=list(dtypes), capacity=capacity, shared_name=shared_name)
+                component_types=list(dtypes), shapes=[[]] * len(dtypes), capacity=capacity,
+                shared_name=shared_name)
 
     def size(self) -> int:
         return int(_size(self.handle))
@@ -61,14 +152,10 @@ class SharedQueue:
         """Close the queue: a dequeue waiting on it fails at once, and so does every later enqueue."""
         _close(self.handle)
 
-    def delete(self) -> None:
-        with tf.device(self.device):
-            tf.raw_ops.DestroyResourceOp(resource=self.handle, ignore_lookup_error=True)
 
-
-# Traced once per process, for any queues: the handles are arguments, and each op runs
-# on the server that holds the queue it is given. Each returns a value, so that an
-# error (a closed queue, a lost server) is raised by the call itself.
+# Traced once per process, for any queue: the handles are arguments, and each op runs on the server
+# that holds the queue it is given. Each returns a value, so that an error (a closed queue, a lost
+# server) is raised by the call itself.
 @tf.function
 def _size(handle):
     return gen_data_flow_ops.queue_size_v2(handle)
@@ -80,169 +167,22 @@ def _close(handle):
     return gen_data_flow_ops.queue_size_v2(handle)
 
 
-def _dequeue_both(handle0, handle1):
-    return (gen_data_flow_ops.queue_dequeue_v2(handle0, [tf.int64])[0],
-            gen_data_flow_ops.queue_dequeue_v2(handle1, [tf.int64])[0])
-
-
-_dequeue_pair = tf.function(_dequeue_both)
-
-
-@tf.function
-def _discard(handle):
-    gen_data_flow_ops.queue_dequeue_v2(handle, [tf.int64])
-    return gen_data_flow_ops.queue_size_v2(handle)
-
-
-@tf.function
-def _reject(output0, output1):
-    # An empty vector where a batch of logits belongs: "refused", for the waiting client.
-    refused = tf.zeros([0], tf.int64)
-    return (gen_data_flow_ops.queue_enqueue_v2(output0, [refused]),
-            gen_data_flow_ops.queue_enqueue_v2(output1, [refused]),
-            gen_data_flow_ops.queue_size_v2(output0))[-1]
-
-
-@tf.function
-def _dequeue_request(handle):
-    return tuple(gen_data_flow_ops.queue_dequeue_v2(handle, list(REQUEST_DTYPES)))
-
-
-@tf.function
-def _ask(input0, input1, output0, output1, requests, share0, share1, client_id, batch):
-    enqueued = [gen_data_flow_ops.queue_enqueue_v2(input0, [share0]),
-                gen_data_flow_ops.queue_enqueue_v2(input1, [share1])]
-    # The request goes last: when the serving side reads it, both shares are waiting.
-    with tf.control_dependencies(enqueued):
-        requested = gen_data_flow_ops.queue_enqueue_v2(requests, [client_id, batch])
-    # Sending and waiting for the answer in one call saves a round trip per query.
-    with tf.control_dependencies([requested]):
-        return _dequeue_both(output0, output1)
-
-
-def _devices(protocol):
-    return protocol.server_0.device_name, protocol.server_1.device_name
-
-
-def _prefix(client_id: str) -> str:
-    return f"{PREFIX}/clients/{client_id}"
-
-
-def input_queues(protocol, client_id: str):
-    """The queues where ``client_id`` puts its two input shares, one on server0 and one on server1."""
-    return [SharedQueue(d, f"{_prefix(client_id)}/in-{i}") for i, d in enumerate(_devices(protocol))]
-
-
-def output_queue(device: str, index: int, client_id: str) -> SharedQueue:
-    """Where server ``index`` (on ``device``) puts its share of ``client_id``'s answer.
-
-    Without a limit: answers nobody collects (a client that gave up) must never make the serving
-    side wait, which would hold up every other client. They are few: each was a query that a
-    door admitted and counted against its client's limit.
-    """
-    return SharedQueue(device, f"{_prefix(client_id)}/out-{index}", capacity=-1)
-
-
-def arrival_queue(device0: str, client_id: str) -> SharedQueue:
-    """On server0: server1's door says here that its share of ``client_id``'s query is in (door.py)."""
-    return SharedQueue(device0, f"{_prefix(client_id)}/arrived")
-
-
-class ClientQueues:
-    """One client's queues: input and output shares, on server0 and server1."""
-
-    def __init__(self, protocol, client_id: str = None):
-        self.client_id = client_id or uuid.uuid4().hex
-        self.inputs = input_queues(protocol, self.client_id)
-        self.outputs = [output_queue(d, i, self.client_id) for i, d in enumerate(_devices(protocol))]
-
-    def ask(self, requests: SharedQueue, share0, share1):
-        """Send the shares and the request; return the two shares of the answer once both are there.
-
-        Fails at once if ``requests`` is closed (its serving side stopped); cancel the wait
-        for the answer with :meth:`close_outputs`.
-        """
-        batch = tf.constant(int(share0.shape[0]), tf.int64)
-        return _ask(*(queue.handle for queue in self.inputs + self.outputs), requests.handle,
-                    share0, share1, tf.constant(self.client_id), batch)
-
-    def receive(self):
-        """The two shares of the answer; waits until both are there (cancel with :meth:`close_outputs`)."""
-        return _dequeue_pair(self.outputs[0].handle, self.outputs[1].handle)
-
-    def discard_inputs(self) -> None:
-        """Throw away the input shares waiting here (a request that is dropped or refused)."""
-        for queue in self.inputs:
-            if queue.size() > 0:
-                _discard(queue.handle)
-
-    def reject(self) -> None:
-        _reject(self.outputs[0].handle, self.outputs[1].handle)
-
-    def close_outputs(self) -> None:
-        for queue in self.outputs:
-            queue.close()
-
-    def all(self):
-        return self.inputs + self.outputs
-
-
 def request_queue(protocol, session: str) -> SharedQueue:
-    return SharedQueue(protocol.server_0.device_name, f"{PREFIX}/requests/{session}", REQUEST_DTYPES)
+    """The request queue of serving session ``session``, on server0: (key, batch) of each query."""
+    return SharedQueue(protocol.server_0.device_name, f"{PREFIX}/requests/{session}")
 
 
 @tf.function
 def _take_waiting(handle):
-    # Only the serving side dequeues requests, so each of these finds one there: none waits.
+    # Only the serving side dequeues requests, so none of these waits.
     waiting = tf.minimum(gen_data_flow_ops.queue_size_v2(handle), CAPACITY)
-    taken = [tf.TensorArray(dtype, size=waiting, element_shape=[]) for dtype in REQUEST_DTYPES]
-    def take_one(index, client_ids, batches):
-        client_id, batch = gen_data_flow_ops.queue_dequeue_v2(handle, list(REQUEST_DTYPES))
-        return index + 1, client_ids.write(index, client_id), batches.write(index, batch)
-    _, client_ids, batches = tf.while_loop(lambda index, *_: index < waiting, take_one, [0, *taken])
-    return client_ids.stack(), batches.stack()
+    return tuple(gen_data_flow_ops.queue_dequeue_many_v2(handle, waiting, list(REQUEST_DTYPES)))
 
 
-def take_waiting(requests: SharedQueue) -> List[Tuple[str, int]]:
-    """Every request waiting in the queue now (up to its capacity), in order, without waiting for more.
-
-    One call for many requests: a queue filled by something else is emptied in a few milliseconds.
-    """
-    client_ids, batches = _take_waiting(requests.handle)
-    return [(client_id.decode(errors="replace"), int(batch))
-            for client_id, batch in zip(client_ids.numpy(), batches.numpy())]
-
-
-LOOKED_AT_TOGETHER = 16  # clients whose input queues one call looks at (traced once for this many)
-
-
-@tf.function
-def _both_filled(handles0, handles1):
-    return tf.stack([tf.logical_and(gen_data_flow_ops.queue_size_v2(handle0) > 0,
-                                    gen_data_flow_ops.queue_size_v2(handle1) > 0)
-                     for handle0, handle1 in zip(handles0, handles1)])
-
-
-def shares_waiting(protocol, client_ids: List[str]) -> List[bool]:
-    """For each client, whether both its input queues hold a share: a quick look at many clients at once.
-
-    Far cheaper than a secure computation, so that requests with nothing behind them, however
-    many, cost the serving side little.
-    """
-    found = []
-    for start in range(0, len(client_ids), LOOKED_AT_TOGETHER):
-        chunk = client_ids[start:start + LOOKED_AT_TOGETHER]
-        queues = [input_queues(protocol, client_id) for client_id in chunk]
-        queues += [queues[0]] * (LOOKED_AT_TOGETHER - len(queues))  # always as many: one trace
-        filled = _both_filled([q[0].handle for q in queues], [q[1].handle for q in queues])
-        found += [bool(both) for both in filled.numpy()[:len(chunk)]]
-    return found
-
-
-def take_request(requests: SharedQueue) -> Tuple[str, int]:
-    """The next request: (client id, batch size). Waits while there is none; cancel by closing the queue."""
-    client_id, batch = _dequeue_request(requests.handle)
-    return client_id.numpy().decode(errors="replace"), int(batch)
+def take_waiting(requests: SharedQueue) -> List[Tuple[int, int]]:
+    """Every request waiting in the queue now, in order, without waiting for more: one call for many."""
+    keys, batches = _take_waiting(requests.handle)
+    return list(zip(keys.numpy().tolist(), batches.numpy().tolist()))
 
 
 NOBODY = ""

@@ -1,26 +1,25 @@
 """Server side: secret-share a Keras model across the cluster and serve private queries."""
 import gc
 import json
-import re
 import signal
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from contextlib import contextmanager
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import numpy as np
-
 from tensorflow.python.ops import gen_data_flow_ops as queue_ops
+from tensorflow.python.ops import gen_lookup_ops
 
 from ._tf import tf, tfe
 from .config import ClusterConfig
 from .data import IMAGE_SHAPE
 from .network import SecretNetwork
-from .queues import (BATCH_BUCKETS, MAX_BATCH_SIZE, NOBODY, REQUEST_DTYPES, SERVING_SILENCE, ClientQueues,
-                     PublishedCosts, ServingLease, bucket_of, request_queue, shares_waiting, someone_serves,
-                     take_request, take_waiting)
+from .queues import (BATCH_BUCKETS, MAX_BATCH_SIZE, NOBODY, PIXELS, REFUSED, REQUEST_DTYPES, SERVING_SILENCE,
+                     PublishedCosts, ServingLease, bucket_of, request_queue, row_keys, server_tables,
+                     someone_serves, take_waiting)
 from .traffic import crossings
 from .value_range import fitting
 from .waiting import WATCH_INTERVAL, BackgroundCall, bounded, wait_for
@@ -30,8 +29,6 @@ from .watch import ServerUnreachableError, ServerWatch, first_dead_server
 # the serving side still stops, naming it, within 15 s of the outage when it does not.
 OUTAGE_GRACE_SECONDS = 10.0
 QUICK_CALL_SECONDS = 10.0  # a call that returns at once unless a server is silent
-REMEMBERED_CLIENTS = 1000
-CLIENT_ID = re.compile(r"[0-9a-f]{32}")
 RESTART_ADVICE = ("Serving cannot go on. If that server's process died, the servers' state, the "
                   "model's shares included, is lost: start the servers and share the model again "
                   "(notebook 02 from the top, or restart the three servers and the serve command). If "
@@ -41,6 +38,7 @@ RESTART_ADVICE = ("Serving cannot go on. If that server's process died, the serv
 # What _Session._next returns for a client's goodbye, instead of what happened to a query.
 CLIENT_DONE = object()
 PLAINTEXT_RUNS = 9  # the plaintext model's published time is the median of this many runs
+KEYS = tf.TensorSpec([None], tf.int64)  # queries' keys, or their batch sizes
 
 
 class Served(NamedTuple):
@@ -83,7 +81,7 @@ class SecureModel:
         self.plaintext = plaintext  # the Keras model, timed for the costs published to clients
         self.servers = ServerWatch(ClusterConfig(dict(tfe.get_config().hostmap)), RESTART_ADVICE)
         self._answer_functions = {}
-        self._clients = OrderedDict()
+        self.tables = self._quick(server_tables, protocol)
         self.lease = self._quick(ServingLease, protocol.server_0.device_name)
         self.published = self._quick(PublishedCosts, protocol.server_0.device_name)
         self.costs = {}  # batch size -> what was published about it
@@ -101,41 +99,94 @@ class SecureModel:
         return self.network.kernel_shares(layer)
 
     def _answer_function(self, bucket: int):
-        """The traced computation that answers a batch of this bucket, made once per bucket.
+        """The traced computation that answers queries of this bucket together, made once per bucket.
 
-        Called with the request already taken, it answers it (False if the shares have not
-        all arrived). Called to take the next request, it waits for one on the servers and,
-        if it comes from the client given with a batch of this bucket and its shares are
-        there, answers it there and then: a client asking again saves a round trip through
-        this process and the launch of a computation. Either way it returns the request.
+        Given queries (keys and batch sizes, at most ``bucket`` images in all), it answers them. Asked
+        to take the next request instead, it waits for one on the servers and, if its batch is of this
+        bucket and its shares are there, answers it there and then: a client asking again saves a
+        round trip through this process and the launch of a computation. Either way it returns the
+        queries it looked at, and whether it answered them.
         """
         if bucket not in self._answer_functions:
-            self._answer_functions[bucket] = tf.function(lambda *args: self._answer_on_servers(bucket, *args))
+            # One trace per bucket, however many queries it is given (their number is not part of the trace).
+            self._answer_functions[bucket] = tf.function(
+                lambda *args: self._answer_on_servers(bucket, *args),
+                input_signature=[tf.TensorSpec([], tf.resource), tf.TensorSpec([], tf.bool), KEYS, KEYS])
         return self._answer_functions[bucket]
 
-    def _answer_on_servers(self, bucket, requests, take_next, given_client, given_batch, expected_client,
-                           input0, input1, output0, output1):
-        protocol = self.protocol
+    def _answer_on_servers(self, bucket, requests, take_next, given_keys, given_batches):
+        protocol, tables = self.protocol, self.tables
         with tf.device(protocol.server_0.device_name):
-            client_id, batch = tf.cond(
-                take_next, lambda: tuple(queue_ops.queue_dequeue_v2(requests, list(REQUEST_DTYPES))),
-                lambda: (tf.identity(given_client), tf.identity(given_batch)))
-            client_id.set_shape([])
-            batch.set_shape([])
+            keys, batches = tf.cond(
+                take_next, lambda: tuple(value[None] for value in queue_ops.queue_dequeue_v2(requests, list(REQUEST_DTYPES))),
+                lambda: (tf.identity(given_keys), tf.identity(given_batches)))
+            keys.set_shape([None])
+            batches.set_shape([None])
+            total = tf.reduce_sum(batches)
             smaller = max([0] + [size for size in BATCH_BUCKETS if size < bucket])
-            ready = [tf.equal(client_id, expected_client), batch > smaller, batch <= bucket]
-        for input_queue, server in ((input0, protocol.server_0), (input1, protocol.server_1)):
-            # Looked at once the request is there (its client puts the shares in first), not when
-            # this computation starts waiting: then they are not there yet.
-            with tf.device(server.device_name), tf.control_dependencies([client_id, batch]):
-                ready.append(queue_ops.queue_size_v2(input_queue) > 0)
-        # Decided on server0, so that the computation starts without a round trip to this process.
+            # Taken here, a request is answered here only if it is of this bucket and both its shares are
+            # in; given, it was checked already (_Session). Otherwise it goes back to the serving process.
+            fits = tf.logical_or(tf.logical_not(take_next), tf.logical_and(total > smaller, total <= bucket))
+        complete = self._complete(tables, keys, batches)
         with tf.device(protocol.server_0.device_name):
-            answered = tf.cond(tf.reduce_all(tf.stack(ready)),
-                               lambda: self._compute(bucket, input0, input1, output0, output1, batch),
+            answer = tf.logical_and(fits, tf.reduce_any(complete))
+            answered = tf.cond(answer, lambda: self._compute(bucket, tables, keys, batches, complete),
                                lambda: tf.constant(False))
         self._publish(bucket, tf.compat.v1.get_default_graph())
-        return client_id, batch, answered
+        return keys, batches, answered
+
+    @staticmethod
+    def _complete(tables, keys, batches):
+        """Which of the queries have both their shares in, as announced (decided on server0)."""
+        staged = []
+        for table in tables:
+            with tf.device(table.device):
+                staged.append(table.present(keys))
+        with tf.device(tables[0].device):
+            return tf.logical_and(tf.logical_and(tf.equal(staged[0], batches), tf.equal(staged[1], batches)),
+                                  tf.logical_and(batches >= 1, batches <= MAX_BATCH_SIZE))
+
+    def sort_out(self, keys: List[int], batches: List[int]) -> List[bool]:
+        """Which of these queries have both shares in, as announced; what the servers hold of the others is
+        removed. A quick look, in one call, no secure computation."""
+        if not keys:
+            return []
+        return self._sort_out(tf.constant(keys, tf.int64), tf.constant(batches, tf.int64)).numpy().tolist()
+
+    @tf.function(input_signature=[KEYS, KEYS])
+    def _sort_out(self, keys, batches):
+        complete = self._complete(self.tables, keys, batches)
+        forgotten = []
+        for table in self.tables:
+            with tf.device(table.device):
+                forgotten.append(table.forget(tf.boolean_mask(keys, tf.logical_not(complete))))
+        with tf.device(self.tables[0].device), tf.control_dependencies(forgotten):
+            return tf.identity(complete)
+
+    def refuse(self, keys: List[int]) -> None:
+        """Remove what both servers hold of these queries, and tell their doors that they were refused."""
+        self._refuse_now(tf.constant(keys, tf.int64))
+
+    @tf.function(input_signature=[KEYS])
+    def _refuse_now(self, keys):
+        said = []
+        for table in self.tables:
+            with tf.device(table.device):
+                with tf.control_dependencies([table.forget(keys)]):
+                    said.append(table.say(keys, tf.fill(tf.shape(keys), tf.constant(REFUSED, tf.int64))))
+        with tf.device(self.tables[0].device), tf.control_dependencies(said):
+            return tf.constant(True)
+
+    @tf.function
+    def uncollected(self):
+        """How many answers and notices the doors have not taken yet, on both servers."""
+        left = []
+        for table in self.tables:
+            with tf.device(table.device):
+                left.append(tf.cast(gen_lookup_ops.lookup_table_size_v2(table.answers), tf.int64)
+                            + tf.cast(queue_ops.queue_size_v2(table.answered), tf.int64))
+        with tf.device(self.tables[0].device):
+            return tf.add_n(left)
 
     def _publish(self, bucket: int, graph) -> None:
         """Publish for clients what a batch of ``bucket`` images costs: the plaintext model's time here, and
@@ -145,8 +196,9 @@ class SecureModel:
         has been answered can always read the costs of its batch size.
         """
         with tf.init_scope():  # runs now, on this process and server0, not as part of the computation
+            # The queries' keys and sizes are the only tensors of unknown size: at most one per image.
             self.costs[bucket] = {"plaintext_seconds": self._plaintext_seconds(bucket),
-                                  "servers_bytes": sum(crossings(graph).values())}
+                                  "servers_bytes": sum(crossings(graph, largest=bucket).values())}
             self.published.write(json.dumps(self.costs))
 
     def _plaintext_seconds(self, bucket: int) -> Optional[float]:
@@ -162,42 +214,40 @@ class SecureModel:
             seconds.append(time.perf_counter() - start)
         return float(np.median(seconds))
 
-    def _compute(self, bucket, input0, input1, output0, output1, batch):
+    def _compute(self, bucket, tables, keys, batches, complete):
+        """Answer the complete queries among ``keys`` in one secure computation; refuse the others.
+
+        Each server reads its rows of the complete queries' shares from its table, removes everything of
+        all the queries, pads the rows to ``bucket`` images (zero rows are valid shares of zero images,
+        dropped before answering), and after the network puts its rows of each answer in its table.
+        """
         protocol = self.protocol
         factory = protocol.tensor_factory
-        with tf.device(protocol.server_0.device_name):
-            expected = tf.concat([[batch], tf.constant(IMAGE_SHAPE, tf.int64)], axis=0)
+        with tf.device(tables[0].device):
+            used = tf.where(complete, batches, tf.zeros_like(batches))
+            rows = row_keys(keys, used)
+            images = tf.reduce_sum(used)
         shares = []
-        for input_queue, server in ((input0, protocol.server_0), (input1, protocol.server_1)):
-            with tf.device(server.device_name):
-                share = queue_ops.queue_dequeue_v2(input_queue, [tf.int64])[0]
-                # Anything on the network can write into these queues: a share that is not a
-                # batch of images fails this request here, before any secure computation.
-                check = tf.debugging.assert_equal(tf.shape(share, out_type=tf.int64), expected,
-                                                  message="shares of the wrong shape")
-                with tf.control_dependencies([check]):
-                    # Zero rows are valid shares of zero images: both servers pad alike, each
-                    # its own share, and the extra rows are dropped before answering.
-                    padded = tf.pad(share, [[0, bucket - batch], [0, 0], [0, 0], [0, 0]])
-                    shares.append(factory.tensor(tf.reshape(padded, (bucket,) + IMAGE_SHAPE)))
+        for table in tables:
+            with tf.device(table.device):
+                found = gen_lookup_ops.lookup_table_find_v2(table.shares, rows, tf.zeros([PIXELS], tf.int64))
+                found.set_shape([None, PIXELS])
+                with tf.control_dependencies([found]):
+                    forgotten = table.forget(keys)
+                with tf.control_dependencies([forgotten]):
+                    padded = tf.pad(found, [[0, bucket - images], [0, 0]])
+                shares.append(factory.tensor(tf.reshape(padded, (bucket,) + IMAGE_SHAPE)))
         x = tfe.protocol.pond.PondPrivateTensor(protocol, shares[0], shares[1], True)
-        y0, y1 = self.network(x).unwrapped
-        # Multiplying each share by a public whole number is exact and needs no message.
-        with tf.device(protocol.server_0.device_name):
-            answered0 = queue_ops.queue_enqueue_v2(output0, [y0.value[:batch] * self.divisor])
-        with tf.device(protocol.server_1.device_name):
-            answered1 = queue_ops.queue_enqueue_v2(output1, [y1.value[:batch] * self.divisor])
-        with tf.device(protocol.server_0.device_name), tf.control_dependencies([answered0, answered1]):
+        y = self.network(x).unwrapped
+        said = []
+        for table, share in zip(tables, y):
+            with tf.device(table.device):
+                # Multiplying each share by a public whole number is exact and needs no message.
+                stored = gen_lookup_ops.lookup_table_insert_v2(table.answers, rows, share.value[:images] * self.divisor)
+                with tf.control_dependencies([stored]):  # the door reads the rows once it is told
+                    said.append(table.say(keys, tf.where(complete, batches, tf.fill(tf.shape(keys), tf.constant(REFUSED, tf.int64)))))
+        with tf.device(tables[0].device), tf.control_dependencies(said):
             return tf.constant(True)
-
-    def _queues_of(self, client_id: str) -> ClientQueues:
-        if client_id in self._clients:
-            self._clients.move_to_end(client_id)
-        else:
-            self._clients[client_id] = self._quick(ClientQueues, self.protocol, client_id)
-            if len(self._clients) > REMEMBERED_CLIENTS:
-                self._clients.popitem(last=False)
-        return self._clients[client_id]
 
     def serve(self, num_requests: Optional[int] = None, timeout: Optional[float] = None,
               report: Optional[Callable[[str], None]] = print, until_done: bool = False) -> Served:
@@ -239,10 +289,9 @@ class _Session:
         self.model, self.report = model, report
         self.id = uuid.uuid4().hex
         self.dropped = 0  # requests with no shares behind them
-        self.backlog = deque()  # requests taken from the queue together, handled one by one
+        self.backlog = deque()  # requests (key, batch) taken from the queue together, not answered yet
         self._incoming: Optional[BackgroundCall] = None
-        # (client id, bucket) of the client answered last: its next request is answered on arrival.
-        self.expected = self._listening_for = None
+        self.bucket = 1  # of the queries answered last: a request of that size is answered on arrival
         self._stopped = threading.Event()
         self._interrupted = threading.Event()  # set by Ctrl-C while serving (_interrupt_ends_serving)
         self._taken_over = None
@@ -321,17 +370,18 @@ class _Session:
             try:
                 while num_requests is None or number < num_requests:
                     try:
-                        outcome = self._next(timeout)
+                        outcomes = self._next(timeout)
                     except ServerUnreachableError as error:
                         self._ride_out(error)
                         continue
-                    if outcome is CLIENT_DONE:
+                    if outcomes is CLIENT_DONE:
                         if until_done:
                             self.report(f"The client said it is done: stopped serving after {_queries(number)}.")
                             break
                         continue
-                    number += 1
-                    self.report(f"Request {number}{of_total}: {outcome}")
+                    for outcome in outcomes:
+                        number += 1
+                        self.report(f"Request {number}{of_total}: {outcome}")
                     self._check_interrupt()
             except _Interrupted:
                 self.report(f"Stopped serving after {_queries(number)}: interrupted.")
@@ -367,113 +417,97 @@ class _Session:
             time.sleep(0.2)
         self.report(f"{error.name} answers again: serving goes on.")
 
-    def _next(self, timeout: Optional[float]) -> str:
-        """Take requests until one is answered or refused; say what happened to it (or CLIENT_DONE).
+    def _next(self, timeout: Optional[float]):
+        """Take requests until some are answered or refused; say what happened to each (or CLIENT_DONE).
 
-        A request of no images with no shares behind it is a client's goodbye: server0's door
-        puts one in when its client says it is done. Any other request with no shares behind
-        it is dropped at once and not counted: this series' clients put both shares in before
-        their request, so it comes from something else that reached the request queue, and
-        waiting for its shares would hold up the complete requests queued behind it.
+        A request of no images is a client's goodbye: server0's door puts one in when its client says it
+        is done. A request whose two shares are not both in is dropped at once and not counted: a door
+        puts a query's request in only once both are, so it comes from something else that reached the
+        request queue, and waiting for its shares would hold up the complete requests queued behind it.
+        Requests that wait together are answered together, in as few computations as their sizes allow.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            while self.backlog:
-                client_id, batch, filled = self.backlog.popleft()
-                if batch == 0 and not filled:  # no images and no shares: a client's goodbye (door.py)
-                    return CLIENT_DONE
-                outcome = self._take(client_id, batch) if filled else None
-                if outcome is not None:
-                    return outcome
-                self.dropped += 1
+            if self.backlog:
+                outcomes = self._take_backlog()
+                if outcomes:
+                    return outcomes
+                continue
             if self._incoming is None:
                 self._incoming = self._listen()
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                client_id, batch, answered = wait_for(self._incoming, wait, "", watches=[self.check_lease])
+                keys, batches, answered = wait_for(self._incoming, wait, "", watches=[self.check_lease])
             except TimeoutError:
                 raise TimeoutError(f"No private query arrived within {timeout:.0f} s. Run the client "
                                    "(notebook 03) while this one serves.") from None
             except tf.errors.OpError as error:
-                return self._expected_failed(error)
+                raise self.model.servers.explain(error) from None
             finally:
                 if self._incoming is not None and self._incoming.done():
                     self._incoming = None
             if answered:
-                return self._answered(client_id, batch)
-            # Not the client expected: take it here, with every request queued behind it, in one call,
-            # and look at all their input queues in another: a computation costs ten times more, and
-            # a flood of requests with nothing behind them would hold up the real ones queued behind.
-            taken = [(client_id, batch)] + self._call(take_waiting, self.requests)
-            filled = self._call(shares_waiting, self.model.protocol, [taken_id for taken_id, _ in taken])
-            self.backlog.extend((*request, full) for request, full in zip(taken, filled))
+                return self._answered(keys, batches)
+            # Not answered on arrival: take it here, with every request queued behind it, in one call.
+            self.backlog.extend(list(zip(keys, batches)) + self._call(take_waiting, self.requests))
 
     def _listen(self) -> BackgroundCall:
-        """Wait for the next request: on the servers, which answer it at once if the client answered
-        last asks again (as clients mostly do); otherwise it comes here, to be taken below."""
-        self._listening_for = self.expected
-        if self.expected is None:
-            return BackgroundCall(lambda: (*take_request(self.requests), False), name="waiting for a request")
-        client_id, bucket = self.expected
-        queues = self.model._queues_of(client_id)
+        """Wait for the next request, on the servers, which answer it at once if it is of the size answered
+        last (as a client asking again mostly is); otherwise it comes here, to be taken below."""
+        function = self.model._answer_function(self.bucket)
 
         def listen():
-            asker, batch, answered = self._run_answer(bucket, True, "", 0, queues)
-            return asker.numpy().decode(errors="replace"), int(batch), bool(answered)
+            keys, batches, answered = function(self.requests.handle, tf.constant(True), *NO_QUERIES)
+            return keys.numpy().tolist(), batches.numpy().tolist(), bool(answered)
         return BackgroundCall(listen, name="waiting for a request")
 
-    def _run_answer(self, bucket: int, take_next: bool, given_client: str, given_batch: int, queues: ClientQueues):
-        """The bucket's computation, expecting a request from the client of ``queues``."""
-        return self.model._answer_function(bucket)(
-            self.requests.handle, tf.constant(take_next), tf.constant(given_client),
-            tf.constant(given_batch, tf.int64), tf.constant(queues.client_id),
-            *(queue.handle for queue in queues.inputs + queues.outputs))
+    def _take_backlog(self):
+        """Answer the requests set aside, up to a goodbye: those of a wrong size are refused, those
+        without both shares dropped, the others answered together, as many at a time as fit in a batch."""
+        taken = []
+        while self.backlog and self.backlog[0][1] != 0:
+            taken.append(self.backlog.popleft())
+        outcomes = [self._refuse([key], f"it announced a batch of {batch} images (1 to {MAX_BATCH_SIZE} are served)")
+                    for key, batch in taken if not 1 <= batch <= MAX_BATCH_SIZE]
+        taken = [(key, batch) for key, batch in taken if 1 <= batch <= MAX_BATCH_SIZE]
+        complete = self._call(self.model.sort_out, [key for key, _ in taken], [batch for _, batch in taken])
+        self.dropped += complete.count(False)
+        group = []
+        for key, batch in (request for request, whole in zip(taken, complete) if whole):
+            if sum(size for _, size in group) + batch > MAX_BATCH_SIZE:
+                outcomes += self._answer(group)
+                group = []
+            group.append((key, batch))
+        if group:
+            outcomes += self._answer(group)
+        if not outcomes and self.backlog:  # a goodbye, with nothing before it to answer
+            self.backlog.popleft()
+            return CLIENT_DONE
+        return outcomes
 
-    def _expected_failed(self, error: tf.errors.OpError) -> str:
-        """The expected client's request failed on the servers (or a server is gone: raise that)."""
-        if self._listening_for is None:  # only the request queue was involved
-            raise self.model.servers.explain(error) from None
-        self.model.servers.check()
-        client_id, self.expected = self._listening_for[0], None
+    def _answer(self, group):
+        """Answer queries ``group`` [(key, batch)] in one computation; what happened to each."""
+        keys, batches = [key for key, _ in group], [batch for _, batch in group]
+        bucket = bucket_of(sum(batches))
+        function = self.model._answer_function(bucket)
         try:
-            self._refuse(client_id)
-        except tf.errors.OpError:
-            pass  # its output queues are closed: the client gave up on this query (a server went silent?)
-        if isinstance(error, tf.errors.InvalidArgumentError):
-            return f"refused, its shares are not a batch of the images of shape {IMAGE_SHAPE} it announced"
-        return f"failed ({error.message.splitlines()[0][:200]})"
+            self._call(function, self.requests.handle, tf.constant(False), tf.constant(keys, tf.int64),
+                       tf.constant(batches, tf.int64))
+        except tf.errors.OpError as error:  # this computation's failure; the service goes on
+            return [self._refuse(keys, f"failed ({error.message.splitlines()[0][:200]})")]
+        return self._answered(keys, batches)
 
-    def _answered(self, client_id: str, batch: int) -> str:
-        self.answered.add(client_id)
-        self.expected = (client_id, bucket_of(batch))
-        images = "image" if batch == 1 else "images"
-        return f"answered a private batch of {batch} {images}"
+    def _answered(self, keys, batches):
+        self.answered.update(keys)
+        self.bucket = bucket_of(sum(batches))
+        together = f" (with {len(keys) - 1} other queries)" if len(keys) > 1 else ""
+        return [f"answered a private batch of {batch} {'image' if batch == 1 else 'images'}{together}"
+                for batch in batches]
 
-    def _take(self, client_id: str, batch: int) -> Optional[str]:
-        """What happened to this request, or None if it had no shares behind it (dropped)."""
-        try:
-            problem = self._problem_with(client_id, batch)
-            if problem:
-                return f"refused, {problem}"
-            return self._answer(client_id, batch)
-        except tf.errors.OpError as error:  # e.g. queues of that name made by someone else, unlike ours
-            return f"refused ({error.message.splitlines()[0][:200]})"
-
-    def _problem_with(self, client_id: str, batch: int) -> Optional[str]:
-        if not CLIENT_ID.fullmatch(client_id):
-            return "its client id is not one this series makes"
-        if not 1 <= batch <= MAX_BATCH_SIZE:
-            self._refuse(client_id)
-            return f"it announced a batch of {batch} images (1 to {MAX_BATCH_SIZE} are served)"
-        return None
-
-    def _drop_inputs(self, client_id: str) -> None:
-        self._call(self.model._queues_of(client_id).discard_inputs)
-
-    def _refuse(self, client_id: str) -> None:
-        """Tell the waiting client that its request was refused (it raises, instead of waiting)."""
-        self._drop_inputs(client_id)
-        self._call(self.model._queues_of(client_id).reject)
+    def _refuse(self, keys, why: str) -> str:
+        """Remove what the servers hold of these queries, and tell their clients that they were refused."""
+        self._call(self.model.refuse, keys)
+        return f"refused, {why}"
 
     def _call(self, function, *args):
         try:
@@ -481,29 +515,17 @@ class _Session:
         except tf.errors.OpError as error:
             raise self.model.servers.explain(error) from None
 
-    def _answer(self, client_id: str, batch: int) -> Optional[str]:
-        bucket = bucket_of(batch)
-        queues = self.model._queues_of(client_id)
-        try:
-            if not self._call(self._run_answer, bucket, False, client_id, batch, queues)[2]:
-                return None  # no shares behind it: dropped
-        except tf.errors.InvalidArgumentError:
-            self._refuse(client_id)
-            return f"refused, its shares are not a batch of {batch} images of shape {IMAGE_SHAPE}"
-        except tf.errors.OpError as error:  # one request's failure; the service goes on
-            self._refuse(client_id)
-            return f"failed ({error.message.splitlines()[0][:200]})"
-        return self._answered(client_id, batch)
-
     def _wait_until_collected(self, timeout: Optional[float]) -> None:
         deadline = time.monotonic() + (timeout or 120.0)
-        clients = [self.model._queues_of(client_id) for client_id in self.answered]
-        while any(self._call(lambda c=c: c.outputs[0].size() + c.outputs[1].size()) for c in clients):
+        while self._call(self.model.uncollected):
             if time.monotonic() > deadline:
                 self.report("Some results were not collected in time: their clients are gone.")
                 return
             self._check_interrupt()
             time.sleep(0.05)
+
+
+NO_QUERIES = (tf.zeros([0], tf.int64), tf.zeros([0], tf.int64))
 
 
 def _queries(number: int) -> str:

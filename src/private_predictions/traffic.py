@@ -4,11 +4,14 @@ TensorFlow sends a tensor from the server that made it to each other server whos
 once per receiving server. So the bytes that cross between server0, server1 and server2 in one
 run of a traced function can be read off its graph, with the branches of its conditions: an
 exact count of the payload, the same on every run (gRPC's framing adds a few per cent on the wire),
-for a graph whose crossing tensors all have static shapes, as the series' computations do.
+for tensors of static shape. A tensor of unknown size is counted at the size the caller says is its
+largest (the serving side: its queries' keys, a few hundred bytes at most), or refused.
 """
 import re
 from collections import Counter
 from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
 
 SERVER = re.compile(r"/job:tfe/replica:0/task:(\d)")  # tf-encrypted's device names for the three servers
 
@@ -35,8 +38,11 @@ def graphs(graph) -> Iterator:
                         waiting.append(function.graph)
 
 
-def crossings(graph) -> Dict[Tuple[str, str], int]:
-    """Bytes sent from each server to each other one when ``graph`` runs once: {(from, to): bytes}."""
+def crossings(graph, largest: Optional[int] = None) -> Dict[Tuple[str, str], int]:
+    """Bytes sent from each server to each other one when ``graph`` runs once: {(from, to): bytes}.
+
+    A dimension of unknown size counts as ``largest``; without it, a tensor of unknown size is refused.
+    """
     sent = Counter()
     for inner in graphs(graph):
         counted = set()
@@ -50,6 +56,8 @@ def crossings(graph) -> Dict[Tuple[str, str], int]:
                     continue  # sent once to each server that uses it
                 counted.add((tensor.name, destination))
                 elements = tensor.shape.num_elements()
+                if elements is None and largest is not None and tensor.shape.rank is not None:
+                    elements = int(np.prod([largest if size is None else size for size in tensor.shape.as_list()]))
                 if elements is None:
                     raise ValueError(f"{tensor.name} crosses from {source} to {destination} with no static shape: "
                                      "its bytes cannot be counted on the graph")
