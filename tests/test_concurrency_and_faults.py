@@ -145,3 +145,36 @@ def test_a_request_with_one_share_behind_it_holds_up_nobody_and_is_removed(clust
     assert logits.argmax() == load_logits_model()(test_images[2:3]).numpy().argmax()
     assert time.monotonic() - start < 15
     wait_until(lambda: hand.staged(12345) == [-1, -1], 15, "the lone share stayed on server0")
+
+
+def test_a_busy_machine_is_not_taken_for_a_silent_server_but_a_silent_one_is_named(monkeypatch):
+    # On a teacher's busy laptop one probe can miss its half second while the port is fine: serving then
+    # stopped, and with it the class. A host is silent only once it has not answered for SILENT_AFTER s;
+    # a process that is gone (its port refuses) is named at once.
+    from private_predictions import watch
+    from private_predictions.config import ClusterConfig
+
+    now, states = [100.0], {"server0": "open", "server1": "silent", "server2": "open"}
+    config = ClusterConfig.local([1, 2, 3])
+    by_port = {config.address(name)[1]: name for name in config.hosts}
+    monkeypatch.setattr(watch.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(watch, "port_is_open", lambda host, port: states[by_port[port]] == "open")
+    monkeypatch.setattr(watch, "port_is_silent", lambda host, port: states[by_port[port]] == "silent")
+    servers = watch.ServerWatch(config, "")
+    servers.check()  # one missed probe: not yet
+    now[0] += watch.SILENT_AFTER - 0.5
+    servers.check()
+    states["server1"] = "open"  # it answers again: the count starts over
+    servers.check()
+    states["server1"] = "silent"
+    now[0] += 1.0
+    servers.check()
+    now[0] += watch.SILENT_AFTER
+    with pytest.raises(watch.ServerUnreachableError, match="server1") as silent:
+        servers.check()
+    assert silent.value.silent
+    states["server2"] = "refused"
+    states["server1"] = "open"
+    with pytest.raises(watch.ServerUnreachableError, match="server2") as gone:
+        servers.check()
+    assert not gone.value.silent

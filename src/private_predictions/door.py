@@ -51,8 +51,8 @@ from .data import IMAGE_SHAPE
 from .protocol import tfe_config
 from .queues import (CLASSES, MAX_BATCH_SIZE, NO_PARTNER, NOBODY, PIXELS, REFUSED, REQUEST_DTYPES, SERVING_SILENCE,
                      PublishedCosts, ServerTables, ServingLease, arrivals_queue, bucket_of, query_key, request_queue)
-from .watch import first_dead_server
 from .ports import port_is_silent
+from .watch import ServerWatch
 
 PARTNER_SECONDS = 10.0  # how long server0's door waits for server1's to say the other share is in
 LONGEST_WAIT = 600.0  # for an answer, whatever the client's deadline
@@ -60,7 +60,9 @@ WATCH_SECONDS = 0.25  # how often the door looks whether a wait must end (servin
 PROBE_SECONDS = 1.0  # how often it looks whether every server still answers
 AT_ONCE_PER_TOKEN = 2  # queries of one token in flight at once, at each door
 QUICK_THREADS = 8  # for TensorFlow calls that return at once; none waits for a client
-RUN_MS = 5000  # the limit of such a call
+# The limit of such a call. Generous: on a busy machine (a class asking at once, two cores) a small step can
+# wait seconds behind the servers' computations, and a step waited for is better than a query failed.
+RUN_MS = 30000
 CLIENT_ID = re.compile(r"[0-9a-f]{32}")
 NONCE = re.compile(r"[0-9a-f]{16}")
 REQUEST_BYTES = MAX_BATCH_SIZE * int(np.prod(IMAGE_SHAPE)) * WORD.itemsize
@@ -83,10 +85,6 @@ class _Refusal(Exception):
 def _serving_stopped(what: str = "the serving side stopped before answering") -> _Refusal:
     return _Refusal(grpc.StatusCode.FAILED_PRECONDITION, NOT_SERVING + f"{what}. Ask again once it serves.")
 
-
-# A session's first run also places its graph on the servers: on a loaded machine (2 cores, a class
-# asking at once) that alone can take seconds, so it gets longer than the later ones.
-FIRST_RUN_MS = 30000
 
 
 class _Servers:
@@ -131,16 +129,12 @@ class _Servers:
                         self.no_partner = tables[1].say(self.key[None], tf.constant([NO_PARTNER], tf.int64))
                 self.forget_both = tf.group(*forgotten)
         self.session = tf.compat.v1.Session(target, graph=graph)
-        self._warm = False
         self._requests: Dict[str, tuple] = {}  # serving session -> (session, enqueue), the current one only
         self._requests_lock = threading.Lock()
         self.target, self.players = target, players
 
-    def run(self, fetches, feed=None, milliseconds: int = RUN_MS):
-        limit = milliseconds if self._warm else max(milliseconds, FIRST_RUN_MS)
-        found = self.session.run(fetches, feed, options=tf.compat.v1.RunOptions(timeout_in_ms=int(limit)))
-        self._warm = True
-        return found
+    def run(self, fetches, feed=None):
+        return self.session.run(fetches, feed, options=tf.compat.v1.RunOptions(timeout_in_ms=RUN_MS))
 
     def wait(self, fetch):
         """A dequeue that waits as long as it takes: for a dispatcher's thread only."""
@@ -159,7 +153,7 @@ class _Servers:
                     old[0].close()
                 self._requests = {owner: (tf.compat.v1.Session(self.target, graph=graph), key_, batch_, put)}
             session, key_, batch_, put = self._requests[owner]
-        session.run(put, {key_: key, batch_: batch}, options=tf.compat.v1.RunOptions(timeout_in_ms=FIRST_RUN_MS))
+        session.run(put, {key_: key, batch_: batch}, options=tf.compat.v1.RunOptions(timeout_in_ms=RUN_MS))
 
 
 class _Wait:
@@ -175,6 +169,7 @@ class Door:
     def __init__(self, config: ClusterConfig, config_path, server: str, target: str):
         self.index = int(server[-1])
         self.name, self.config = server, config
+        self.watch = ServerWatch(config, "")
         self.gate = Gate(admissions_path(Path(config_path).parent))
         # server0 and server1 as the queues' functions name them (protocol.server_0, ...): the players.
         players = tfe_config(config)
@@ -309,7 +304,7 @@ class Door:
 
     def _probe(self) -> Optional[str]:
         """Why a server is not answering, naming it, or None."""
-        name = first_dead_server(self.config)
+        name = self.watch.first_gone()
         if name is None:
             return None
         how = "its host went silent" if port_is_silent(*self.config.address(name)) else "it stopped"

@@ -28,7 +28,7 @@ from .watch import ServerUnreachableError, ServerWatch, first_dead_server
 # How long serving waits for a server whose host went silent to come back: short enough that
 # the serving side still stops, naming it, within 15 s of the outage when it does not.
 OUTAGE_GRACE_SECONDS = 10.0
-QUICK_CALL_SECONDS = 10.0  # a call that returns at once unless a server is silent
+QUICK_CALL_SECONDS = 30.0  # a call that returns at once unless a server is silent, or the machine is busy
 RESTART_ADVICE = ("Serving cannot go on. If that server's process died, the servers' state, the "
                   "model's shares included, is lost: start the servers and share the model again "
                   "(notebook 02 from the top, or restart the three servers and the serve command). If "
