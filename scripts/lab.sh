@@ -12,6 +12,11 @@ transport=ipc
 if [ $(( $(printf %s "$runtime" | wc -c) + 50 )) -gt 107 ]; then
     transport=tcp
 fi
+# Notebook 03 can run as on a student's laptop: in .venv-client, with the client's packages only (the kernel
+# "Python (client only, no TensorFlow)"). It needs Python 3.11 or newer; without one, 03 runs in .venv.
+if ! scripts/setup-client.sh; then
+    echo "note: no client-only kernel; notebook 03 runs in .venv, whose TensorFlow the client never uses" >&2
+fi
 as_root=()
 if [ "$(id -u)" = 0 ]; then
     as_root=(--allow-root)  # Jupyter refuses to run as root (containers, many cloud machines) unless told it may

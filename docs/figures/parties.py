@@ -77,7 +77,7 @@ def draw(words) -> str:
     # the client: a share to server0 and to server1, a share of the answer back from each
     parts += arrow(265, 235, 360, 140, "x0", marker="dark", dx=-12, dy=-8)
     parts += arrow(360, 160, 265, 255, "y0", marker="dark", dx=12, dy=18)
-    parts += arrow(265, 285, 360, 345, "x1", marker="dark", dx=-12, dy=-8)
+    parts += arrow(265, 285, 360, 345, "x1", marker="dark", dx=-8, dy=-18)
     parts += arrow(360, 370, 265, 305, "y1", marker="dark", dx=12, dy=20)
     # server0 and server1 open masked values to each other
     parts += arrow(485, 175, 485, 310, "", marker="dark", both=True)
