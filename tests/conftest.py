@@ -89,6 +89,10 @@ class Hand:
     def request(self, key: int, batch: int) -> None:
         _enqueue_request(self.requests().handle, tf_constant(key), tf_constant(batch))
 
+    def requests_at_once(self, keys, batches) -> None:
+        """Put several requests in the queue in one step, as if their clients had asked at the same moment."""
+        _enqueue_requests(self.requests().handle, tf_constant(keys), tf_constant(batches))
+
     def staged(self, key: int):
         """What each server holds under ``key``: its batch size there, or -1."""
         return [int(_present(table, tf_constant([key]))[0]) for table in self.tables]
@@ -125,6 +129,12 @@ def _enqueue_request(requests, key, batch):
     from private_predictions._tf import tf
     return tf.function(lambda q, k, b: (gen_data_flow_ops.queue_enqueue_v2(q, [k, b]),
                                         gen_data_flow_ops.queue_size_v2(q))[-1])(requests, key, batch)
+
+
+def _enqueue_requests(requests, keys, batches):
+    from private_predictions._tf import tf
+    return tf.function(lambda q, k, b: (gen_data_flow_ops.queue_enqueue_many_v2(q, [k, b]),
+                                        gen_data_flow_ops.queue_size_v2(q))[-1])(requests, keys, batches)
 
 
 HOSTS = ("server0", "server1", "server2", "owner", "client")

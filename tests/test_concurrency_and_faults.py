@@ -147,6 +147,24 @@ def test_a_request_with_one_share_behind_it_holds_up_nobody_and_is_removed(clust
     wait_until(lambda: hand.staged(12345) == [-1, -1], 15, "the lone share stayed on server0")
 
 
+def test_queries_that_wait_together_are_answered_together(cluster, serving, client, test_images):
+    # A class: while the servers answer one student, others ask. The serving side last answered a single
+    # image (so a request of one image is answered on arrival, on the servers); six more arrive at once.
+    client.predict_logits(test_images[:1])
+    hand, keys = Hand(cluster.config_path), [23001 + number for number in range(6)]
+    for key, image in zip(keys, test_images[3:9]):
+        share0, share1 = client.share(image[None].astype(np.float64))
+        hand.stage(key, share0=share0, share1=share1)
+    seen = len(serving.output)
+    hand.requests_at_once(keys, [1] * len(keys))
+    together = "answered a private batch of 1 image (with 5 other queries)"
+
+    def answered():
+        return [line for line in serving.output[seen:] if ": answered" in line]
+    wait_until(lambda: len(answered()) == 6, 30, "the six queries were not all answered")
+    assert all(line.rstrip().endswith(together) for line in answered()), answered()
+
+
 def test_a_busy_machine_is_not_taken_for_a_silent_server_but_a_silent_one_is_named(monkeypatch):
     # On a teacher's busy laptop one probe can miss its half second while the port is fine: serving then
     # stopped, and with it the class. A host is silent only once it has not answered for SILENT_AFTER s;
