@@ -36,7 +36,7 @@ def test_damaged_mnist_is_refused(tmp_path):
 
 
 def test_committed_notebooks_are_fit_to_publish():
-    for path in sorted(Path(NOTEBOOK_DIR).rglob("*.ipynb")):
+    for path in sorted(p for p in Path(NOTEBOOK_DIR).rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts):
         text = path.read_text()
         notebook = json.loads(text)
         assert notebook["metadata"]["kernelspec"]["name"] == "python3", path.name
