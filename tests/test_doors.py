@@ -497,8 +497,9 @@ def test_goodbyes_count_against_the_tokens_limit(cluster, serving, tmp_path):
 
 def test_a_client_running_its_own_code_gets_answers_for_images_in_range_only(cluster, serving, tmp_path,
                                                                              x_test, monkeypatch):
-    # Its shares can encode any words: the servers clip every pixel to [0, 1] before the first layer, so
-    # what it learns is the model's answer on a valid image (the value-range proof holds for those only).
+    # Its shares can encode any words: the servers make every pixel one in [0, 1] before the first layer
+    # (its 16 lowest bits, clipped), so what it learns is the model's answer on a valid image (the
+    # value-range proof holds for those only).
     import private_predictions.client as client_module
     from private_predictions.model import load_logits_model
 
@@ -510,8 +511,11 @@ def test_a_client_running_its_own_code_gets_answers_for_images_in_range_only(clu
     sent = {"negated": -image, "four times": 4 * image, "one pixel at 2^20": one_pixel_huge,
             "far below": np.full_like(image, -2.0**40)}
     plaintext = load_logits_model()
+    scale = client.card.scaling_factor
     for name, images in sent.items():
-        expected = plaintext(np.clip(images, 0, 1).astype(np.float32)).numpy()
+        words = np.round(images * scale).astype(np.int64)  # as the client encodes them
+        valid = np.clip((words & (2**16 - 1)) / scale, 0, 1)  # as the servers take them
+        expected = plaintext(valid.astype(np.float32)).numpy()
         got = client.predict_logits(images)
         assert np.abs(got - expected).max() < TOLERANCE, name
 

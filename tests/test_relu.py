@@ -109,7 +109,9 @@ def test_exact_for_every_64_bit_word_on_the_whole_ring(protocol):
     np.testing.assert_array_equal(result, np.maximum(values, 0))
 
 
-def test_clip_brings_every_64_bit_word_into_the_range_exactly(protocol):
+def test_clip_brings_every_64_bit_word_into_the_range_and_leaves_every_pixel_as_it_is(protocol):
+    # Any word comes out as a pixel in [0, top]: its 16 lowest bits, clipped (top < 2^16). A pixel in
+    # [0, top], the only kind an honest client sends, comes out unchanged, however it was shared.
     top = 3**10  # a pixel of 1 at the encoding's scale
     values = np.concatenate([np.tile(WORD_EDGES, 100), np.tile(np.arange(-5, top + 5), 2),
                              np.random.default_rng(3).integers(-2**63, 2**63, 3000, dtype=np.int64)])
@@ -120,7 +122,10 @@ def test_clip_brings_every_64_bit_word_into_the_range_exactly(protocol):
         return y0.value, y1.value
 
     share0, share1 = compute()
-    np.testing.assert_array_equal(share0.numpy() + share1.numpy(), np.clip(values, 0, top))
+    result = share0.numpy() + share1.numpy()
+    np.testing.assert_array_equal(result, np.clip(values & (2**16 - 1), 0, top))
+    pixels = (values >= 0) & (values <= top)
+    assert pixels.sum() >= top and (result[pixels] == values[pixels]).all()
 
 
 def test_what_server2_sees_has_one_distribution_for_every_value_exhaustively_at_small_k():

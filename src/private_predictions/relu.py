@@ -76,16 +76,19 @@ def _compare_share(party, bits, c, k, beta, multipliers, offsets, rotation):
     return tf.cast(tf.gather(masked, positions, batch_dims=len(masked.shape) - 1), tf.uint8)
 
 
-def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1):
+def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step: int = 0):
     """max(x / divisor, 0) on shares, given that x lies in [-2^bound_bits, 2^bound_bits).
 
     With ``divisor`` > 1 (a product at the double scale), the result is floor(x / divisor) + 0 or 1
     where x >= 0, read off the comparison's own opening. With ``bound_bits`` = WHOLE_RING (63) and no
-    divisor, x may be any 64-bit word, read as a signed number.
+    divisor, x may be any 64-bit word, read as a signed number. With ``step``, the result is ``step``
+    where x >= 0 and 0 elsewhere (the same comparison, letting a public number through instead of x).
     """
     k = bound_bits
     if not 1 <= k <= WHOLE_RING:
         raise ValueError(f"bound_bits must be between 1 and {WHOLE_RING}, not {k}")
+    if step and divisor > 1:
+        raise ValueError("a step lets a public number through: there is nothing to divide")
     shift = offset(k, divisor) if divisor > 1 else None  # raises if 64-bit words cannot hold it
     shape = tuple(x.shape.as_list())
     servers = (protocol.server_0.device_name, protocol.server_1.device_name)
@@ -132,9 +135,13 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1):
         for i, device in enumerate(servers):
             with tf.device(device):
                 c = open_masked(protocol, *opened_c)
-                # x / divisor, or x itself: what the ReLU lets through where x >= 0.
-                y_shares.append(x_shares[i] if shift is None else
-                                quotient_share(i, c + (shift - 2**k), shift, divisor, *dealt[i]["wrap"]))
+                # x / divisor, x itself, or the step: what the ReLU lets through where x >= 0.
+                if step:
+                    y_shares.append(tf.fill(tf.shape(x_shares[i]), word(step if i == 0 else 0, tf.int64)))
+                elif shift is None:
+                    y_shares.append(x_shares[i])
+                else:
+                    y_shares.append(quotient_share(i, c + (shift - 2**k), shift, divisor, *dealt[i]["wrap"]))
                 opened_d.append(y_shares[i] - dealt[i]["b"])
                 beta = _uniform(shape, common["beta"], 0, 2, tf.int32)
                 multipliers = _uniform(shape + (k,), common["multipliers"], 1, PRIME, tf.int32)
@@ -155,17 +162,31 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1):
 
 
 def clip(protocol, x: PondPrivateTensor, top: int) -> PondPrivateTensor:
-    """min(max(x, 0), top) on shares, for any 64-bit x: the image a client sends, whatever code it runs.
+    """A pixel in [0, top] whatever 64-bit word x is, and x itself when it is in [0, top] already.
 
     The client's own check (pixels in [0, 1]) binds only clients that run the series' code; the value-range
-    proof, and with it what answers reveal of the weights, holds for images in [0, top] only. Two ReLUs on
-    the whole ring: y = max(x, 0) lies in [0, 2^63), so y - top lies in [-top, 2^63 - top) and is compared
-    right too, and y - max(y - top, 0) = min(y, top).
+    proof, and with it what answers reveal of the weights, holds for images in [0, top] only. With m the
+    bits of top (top < 2^m), each server keeps the m lowest bits of its share, on its own: their sum y lies
+    in [0, 2^(m+1)) and is x modulo 2^m, or that plus 2^m. One comparison of m bits takes the 2^m off,
+    z = y - 2^m [y >= 2^m], in [0, 2^m); a ReLU of m bits clips, z - max(z - top, 0). So x modulo 2^m,
+    clipped to [0, top]: x itself for every pixel an honest client sends. Two comparisons of m bits (16
+    here), where a clip of any word read as a signed number would need two of 63.
     """
-    y = relu(protocol, x, WHOLE_RING)
-    shares = []
-    for i, (share, server) in enumerate(zip(y.unwrapped, (protocol.server_0, protocol.server_1))):
-        with tf.device(server.device_name):
-            shares.append(protocol.tensor_factory.tensor(share.value - top if i == 0 else share.value))
-    over = relu(protocol, PondPrivateTensor(protocol, *shares, y.is_scaled), WHOLE_RING)
-    return protocol.sub(y, over)
+    m = top.bit_length()
+    servers = (protocol.server_0.device_name, protocol.server_1.device_name)
+
+    def shares_of(make):
+        """A private value whose share on server i is ``make(i)``, computed there (no message)."""
+        shares = []
+        for i, device in enumerate(servers):
+            with tf.device(device):
+                shares.append(protocol.tensor_factory.tensor(make(i)))
+        return PondPrivateTensor(protocol, *shares, x.is_scaled)
+
+    with tf.name_scope("clip"):
+        held = [share.value for share in x.unwrapped]
+        low = shares_of(lambda i: tf.bitwise.bitwise_and(held[i], 2**m - 1))  # their sum is y
+        below = shares_of(lambda i: low.unwrapped[i].value - (2**m if i == 0 else 0))  # y - 2^m
+        z = protocol.sub(low, relu(protocol, below, m, step=2**m))  # y - 2^m [y >= 2^m]
+        over = shares_of(lambda i: z.unwrapped[i].value - (top if i == 0 else 0))  # z - top
+        return protocol.sub(z, relu(protocol, over, m))
