@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from anchors import loopback_bytes, peak_rss_bytes  # noqa: E402
 
 ANCHORS = Path(__file__).parent / "anchors.py"
+STUDENT = Path(__file__).parent / "student.py"
 ROUNDS = 5  # batch-1 blocks per path, taken in turn
+CLASS, EACH = 24, 8  # a class's students, and the images each asks for (4 alone, then 4 in one batch)
 
 
 class Anchor:
@@ -197,6 +199,8 @@ def main(argv=None):
                 "argmax_agreement": float((private_logits.argmax(1) == plain_logits.argmax(1)).mean()),
                 "max_abs_logit_error": float(np.abs(private_logits - plain_logits).max()),
             }
+            print(f"a class of {CLASS} asking at once, then the same queries one at a time ...", flush=True)
+            results["class"] = measure_class(cluster, client, x_test[:CLASS * EACH], plaintext_call, output)
             results["peak_rss_bytes"] = {name: peak_rss_bytes(pid) for name, pid in cluster.pids.items()}
             results["peak_rss_bytes"]["model owner (serving)"] = peak_rss_bytes(serving.pid)
             results["peak_rss_bytes"]["client"] = peak_rss_bytes(os.getpid())
@@ -210,6 +214,63 @@ def main(argv=None):
     plot(results, output / "benchmark.png")
     print(table(results))
     print(f"\nwritten: {output / 'benchmark.json'}, {output / 'benchmark.png'}")
+
+
+def measure_class(cluster, client, images, plaintext, folder: Path) -> dict:
+    """A class of CLASS students asking at once through the doors, each in a process of its own, and
+    the same queries sent one at a time by one client.
+
+    The students run at the lowest priority (nice 19): on this 2-core machine their own work (TLS,
+    sharing, numpy) would otherwise take CPU from the servers being measured, where in a classroom it
+    runs on the students' laptops. Their memory is theirs too, and is not counted with the servers'.
+    """
+    np.save(folder / "class-images.npy", images)
+    students, reports = [], []
+    try:
+        for number in range(CLASS):
+            card = cluster.admit(f"student-{number + 1:02d}", folder / f"student-{number + 1:02d}.json",
+                                 per_minute=None)
+            students.append(subprocess.Popen(
+                ["nice", "-n", "19", sys.executable, str(STUDENT), str(card), str(folder / "class-images.npy"),
+                 str(EACH * number)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True))
+        for student in students:
+            if student.stdout.readline() != "ready\n":
+                raise RuntimeError(f"a student did not connect: {student.communicate(timeout=60)[1][-2000:]}")
+        start = time.perf_counter()
+        for student in students:  # all at once: each is waiting on its input
+            student.stdin.write("go\n")
+            student.stdin.flush()
+        for student in students:
+            line = student.stdout.readline()
+            if not line:
+                raise RuntimeError(f"a student failed: {student.communicate(timeout=60)[1][-2000:]}")
+            reports.append(json.loads(line))
+        seconds = time.perf_counter() - start
+    finally:
+        for student in students:
+            student.kill()
+            student.wait(10)
+        (folder / "class-images.npy").unlink()
+    logits = np.array([row for report in reports for row in report["logits"]])
+    expected = plaintext(images).numpy()
+    waits = [wait for report in reports for wait in report["seconds"]]
+    together = {"clients": CLASS, "images": len(images), "queries": len(waits), "seconds": seconds,
+                "images_per_second": len(images) / seconds,
+                "p50_ms": percentile_ms(waits, 50), "p95_ms": percentile_ms(waits, 95),
+                "argmax_agreement": float((logits.argmax(1) == expected.argmax(1)).mean()),
+                "max_abs_logit_error": float(np.abs(logits - expected).max())}
+    alone = []
+    start = time.perf_counter()
+    for first in range(0, len(images), EACH):
+        queries = [images[first + number:first + number + 1] for number in range(EACH // 2)]
+        for query in queries + [images[first + EACH // 2:first + EACH]]:
+            alone += time_calls(lambda: client.predict_logits(query), 1)
+    seconds = time.perf_counter() - start
+    together["one_at_a_time"] = {"clients": 1, "images": len(images), "queries": len(alone), "seconds": seconds,
+                                 "images_per_second": len(images) / seconds,
+                                 "p50_ms": percentile_ms(alone, 50), "p95_ms": percentile_ms(alone, 95)}
+    return together
 
 
 def table(results) -> str:
@@ -250,6 +311,13 @@ def table(results) -> str:
         f"test set ({ts['images']} images, batches of {ts['batch']}): {ts['seconds']:.1f} s; "
         f"accuracy private {ts['private_accuracy']:.2%} vs plaintext {ts['plaintext_accuracy']:.2%}; "
         f"argmax agreement {ts['argmax_agreement']:.2%}; max |logit error| {ts['max_abs_logit_error']:.4f}",
+        f"a class of {results['class']['clients']} asking at once ({results['class']['queries']} queries, "
+        f"{results['class']['images']} images): {results['class']['images_per_second']:.1f} images/s, a query "
+        f"waits {results['class']['p50_ms']:.0f} ms (median), {results['class']['p95_ms']:.0f} ms (95th "
+        f"percentile); the same queries one at a time: {results['class']['one_at_a_time']['images_per_second']:.1f} "
+        f"images/s, {results['class']['one_at_a_time']['p50_ms']:.0f} ms (median), "
+        f"{results['class']['one_at_a_time']['p95_ms']:.0f} ms (95th percentile); argmax agreement "
+        f"{results['class']['argmax_agreement']:.2%}, max |logit error| {results['class']['max_abs_logit_error']:.4f}",
         "peak resident memory: " + ", ".join(f"{name} {rss / 2**30:.2f} GiB"
                                             for name, rss in results["peak_rss_bytes"].items()),
         f"all processes together: {sum(results['peak_rss_bytes'].values()) / 2**30:.2f} GiB "
