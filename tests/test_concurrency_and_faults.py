@@ -176,8 +176,7 @@ def test_a_busy_machine_is_not_taken_for_a_silent_server_but_a_silent_one_is_nam
     config = ClusterConfig.local([1, 2, 3])
     by_port = {config.address(name)[1]: name for name in config.hosts}
     monkeypatch.setattr(watch.time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(watch, "port_is_open", lambda host, port: states[by_port[port]] == "open")
-    monkeypatch.setattr(watch, "port_is_silent", lambda host, port: states[by_port[port]] == "silent")
+    monkeypatch.setattr(watch, "probe", lambda host, port: states[by_port[port]])
     servers = watch.ServerWatch(config, "")
     servers.check()  # one missed probe: not yet
     now[0] += watch.SILENT_AFTER - 0.5
@@ -196,3 +195,19 @@ def test_a_busy_machine_is_not_taken_for_a_silent_server_but_a_silent_one_is_nam
     with pytest.raises(watch.ServerUnreachableError, match="server2") as gone:
         servers.check()
     assert not gone.value.silent
+
+
+def test_a_host_coming_back_between_two_looks_is_not_taken_for_a_dead_process(monkeypatch):
+    # A blip: the host is silent, then answers again. Whatever one look finds, it must not be called a
+    # dead process (serving stopped for good on a two-second blip when "not open" and "not silent" were
+    # two connection attempts, the second made after the host came back).
+    from private_predictions import watch
+    from private_predictions.config import ClusterConfig
+
+    config = ClusterConfig.local([1, 2, 3])
+    by_port = {config.address(name)[1]: name for name in config.hosts}
+    looks = {"server1": iter(["silent", "open", "open"])}
+    monkeypatch.setattr(watch, "probe", lambda host, port: next(looks.get(by_port[port], iter(["open"]))))
+    servers = watch.ServerWatch(config, "")
+    assert servers.first_gone(silent_after=0.0) == "server1" and servers.silent("server1")
+    assert servers.first_gone(silent_after=0.0) is None

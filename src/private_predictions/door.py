@@ -51,7 +51,6 @@ from .data import IMAGE_SHAPE
 from .protocol import tfe_config
 from .queues import (CLASSES, MAX_BATCH_SIZE, NO_PARTNER, NOBODY, PIXELS, REFUSED, REQUEST_DTYPES, SERVING_SILENCE,
                      PublishedCosts, ServerTables, ServingLease, arrivals_queue, bucket_of, query_key, request_queue)
-from .ports import port_is_silent
 from .watch import ServerWatch
 
 PARTNER_SECONDS = 10.0  # how long server0's door waits for server1's to say the other share is in
@@ -307,7 +306,7 @@ class Door:
         name = self.watch.first_gone()
         if name is None:
             return None
-        how = "its host went silent" if port_is_silent(*self.config.address(name)) else "it stopped"
+        how = "its host went silent" if self.watch.silent(name) else "it stopped"
         return (f"{name} ({self.config.hosts[name]}) is not answering ({how}): this query cannot finish. Ask "
                 "again once it is back (the model owner may have to serve the model again).")
 

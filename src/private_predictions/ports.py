@@ -7,31 +7,26 @@ import psutil
 import listen_guard
 
 
-def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    """Whether something accepts connections there within ``timeout`` s.
+def probe(host: str, port: int, timeout: float = 0.5) -> str:
+    """What one connection attempt there finds within ``timeout`` s: "open", "refused" or "silent".
 
-    A host that went silent (cable pulled, laptop asleep) answers nothing, so the
-    timeout is what turns it into a "no" instead of a wait.
+    A dead process's port refuses at once (or its host says there is no such address); a host that
+    dropped off the network (cable pulled, laptop asleep) answers nothing, so the timeout is what
+    turns it into "silent" instead of a wait. One attempt decides: two (is it open? then is it
+    silent?) can straddle a host coming back, and call a silent host's return a dead process.
     """
     try:
         with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def port_is_silent(host: str, port: int, timeout: float = 0.5) -> bool:
-    """Whether a connection there neither succeeds nor is refused within ``timeout`` s.
-
-    A dead process's port refuses at once; a host that dropped off the network stays silent.
-    """
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return False
+            return "open"
     except socket.timeout:
-        return True
+        return "silent"
     except OSError:
-        return False
+        return "refused"
+
+
+def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts connections there within ``timeout`` s."""
+    return probe(host, port, timeout) == "open"
 
 
 def port_is_free(port: int) -> bool:

@@ -25,8 +25,9 @@ from .value_range import fitting
 from .waiting import WATCH_INTERVAL, BackgroundCall, bounded, wait_for
 from .watch import ServerUnreachableError, ServerWatch, first_dead_server
 
-# How long serving waits for a server whose host went silent to come back: short enough that
-# the serving side still stops, naming it, within 15 s of the outage when it does not.
+# How long serving waits for a server whose host went silent to come back, counted from when it was
+# first found silent: short enough that the serving side still stops, naming it, within 15 s of the
+# outage when it does not come back.
 OUTAGE_GRACE_SECONDS = 10.0
 QUICK_CALL_SECONDS = 30.0  # a call that returns at once unless a server is silent, or the machine is busy
 RESTART_ADVICE = ("Serving cannot go on. If that server's process died, the servers' state, the "
@@ -412,9 +413,11 @@ class _Session:
         """
         if not error.silent:
             raise error
+        # The grace counts from when the host was first found silent, not from when that was
+        # named: naming waits SILENT_AFTER s, and the outage's whole budget is this grace.
+        deadline = error.since + OUTAGE_GRACE_SECONDS
         self.report(f"{error.name} is not answering (its host went silent); waiting up to "
-                    f"{OUTAGE_GRACE_SECONDS:.0f} s for it to come back...")
-        deadline = time.monotonic() + OUTAGE_GRACE_SECONDS
+                    f"{max(0.0, deadline - time.monotonic()):.0f} s more for it to come back...")
         while first_dead_server(self.model.servers.config) is not None:
             if time.monotonic() > deadline:
                 raise error

@@ -3,7 +3,7 @@ import time
 from typing import Dict, Optional
 
 from .config import SERVER_NAMES, ClusterConfig
-from .ports import port_is_open, port_is_silent
+from .ports import port_is_open, probe
 
 # A host is taken for silent only once its port has not answered for this long: on a busy machine (a
 # teacher's laptop with a class asking, two cores) one probe can miss its half second while the port
@@ -15,12 +15,14 @@ class ServerUnreachableError(ConnectionError):
     """A server stopped answering: what it held (shares, queues) may be lost.
 
     ``silent`` tells a host that went quiet (it may come back, state intact) from a
-    server whose port refuses connections (its process, and what it held, are gone).
+    server whose port refuses connections (its process, and what it held, are gone);
+    ``since`` is when (time.monotonic()) it was first found not answering.
     """
 
-    def __init__(self, message: str, name: str = "", silent: bool = False):
+    def __init__(self, message: str, name: str = "", silent: bool = False, since: Optional[float] = None):
         super().__init__(message)
         self.name, self.silent = name, silent
+        self.since = time.monotonic() if since is None else since
 
 
 def first_dead_server(config: ClusterConfig, timeout: float = 0.5) -> Optional[str]:
@@ -43,29 +45,44 @@ class ServerWatch:
     def __init__(self, config: ClusterConfig, advice: str):
         self.config, self.advice = config, advice
         self._silent_since: Dict[str, float] = {}
+        self._refused: Dict[str, float] = {}  # when each server's port last refused
 
     def check(self) -> None:
         gone = self.first_gone()
         if gone is not None:
             raise self.error(gone)
 
-    def first_gone(self) -> Optional[str]:
-        """The first server whose process is gone, or whose host has been silent for SILENT_AFTER s, or None."""
+    def first_gone(self, silent_after: float = SILENT_AFTER) -> Optional[str]:
+        """The first server whose process is gone, or whose host has been silent for ``silent_after`` s,
+        or None. One probe per server decides, and what it found is kept for :meth:`error`."""
         now = time.monotonic()
         for name in SERVER_NAMES:
-            if port_is_open(*self.config.address(name)):
+            found = probe(*self.config.address(name))
+            if found == "open":
                 self._silent_since.pop(name, None)
-            elif not port_is_silent(*self.config.address(name)):
-                return name  # refused: the process is gone
-            elif now - self._silent_since.setdefault(name, now) >= SILENT_AFTER:
+                self._refused.pop(name, None)
+            elif found == "refused":
+                self._silent_since.pop(name, None)
+                self._refused[name] = now
+                return name
+            elif now - self._silent_since.setdefault(name, now) >= silent_after:
                 return name
         return None
 
+    def silent(self, name: str) -> bool:
+        """Whether ``name``'s host was silent (not refusing) when last probed."""
+        return name in self._silent_since
+
     def error(self, name: str) -> ServerUnreachableError:
+        silent = self.silent(name)
+        since = self._silent_since.get(name) if silent else self._refused.get(name)
         return ServerUnreachableError(f"{name} ({self.config.hosts[name]}) is not answering. {self.advice}",
-                                      name, port_is_silent(*self.config.address(name)))
+                                      name, silent, since)
 
     def explain(self, error: BaseException) -> BaseException:
-        """The error to show for a failed TF call: the server it lost, if one is gone."""
-        gone = self.first_gone()
+        """The error to show for a failed TF call: the server it lost, if one is gone.
+
+        A failed call is itself a sign: a host found silent now is named at once, not after
+        SILENT_AFTER s (those are for probes that merely ran late on a busy machine)."""
+        gone = self.first_gone(silent_after=0.0)
         return self.error(gone) if gone is not None else error
