@@ -19,5 +19,7 @@ test: setup
 lab: setup
 	scripts/lab.sh
 
+# The paths side by side (benchmark.json), then the cost of each block of the network (layers.json).
 benchmark: setup
 	.venv/bin/python benchmarks/benchmark.py
+	.venv/bin/python benchmarks/layers.py

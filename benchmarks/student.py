@@ -1,4 +1,4 @@
-"""One student of the benchmark's class, in a process of its own with the client's packages only.
+"""One student of the benchmark's class: a process of its own that imports only the client (numpy, grpc).
 
     python benchmarks/student.py CARD IMAGES FIRST
 
