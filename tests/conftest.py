@@ -63,9 +63,15 @@ def client(serving, cluster):
 
 class Hand:
     """What a program that reaches the servers' runtime can do by hand (on one machine: every program of
-    it, over loopback): stage shares and put requests of its own making where the doors put theirs."""
+    it, over loopback): stage shares and put requests of its own making where the doors put theirs.
+
+    Each of its computations is traced once, here: a function traced anew for every call registers a new
+    function on the servers each time, which they keep, and a test that measures a server's memory would
+    measure that instead of what it means to.
+    """
 
     def __init__(self, config_path):
+        from private_predictions._tf import tf
         from private_predictions.config import ClusterConfig
         from private_predictions.protocol import connect
         from private_predictions.queues import ServingLease, server_tables
@@ -73,6 +79,14 @@ class Hand:
         self.protocol = connect(ClusterConfig.load(config_path))
         self.tables = server_tables(self.protocol)
         self.lease = ServingLease(self.protocol.server_0.device_name)
+        self._stage = [tf.function(lambda key, batch, rows, table=table: _staged(table, key, batch, rows))
+                       for table in self.tables]
+        self._present = [tf.function(lambda keys, table=table: _on(table, lambda: table.present(keys)))
+                         for table in self.tables]
+        self._enqueue = tf.function(lambda q, k, b: (gen_data_flow_ops.queue_enqueue_v2(q, [k, b]),
+                                                     gen_data_flow_ops.queue_size_v2(q))[-1])
+        self._enqueue_many = tf.function(lambda q, k, b: (gen_data_flow_ops.queue_enqueue_many_v2(q, [k, b]),
+                                                          gen_data_flow_ops.queue_size_v2(q))[-1])
 
     def requests(self):
         """The request queue of the side that serves now."""
@@ -81,21 +95,21 @@ class Hand:
 
     def stage(self, key: int, share0=None, share1=None) -> None:
         """Put image rows in server0's and server1's tables under ``key`` (a share that is None is not put)."""
-        for table, share in zip(self.tables, (share0, share1)):
+        for stage, share in zip(self._stage, (share0, share1)):
             if share is not None:
                 rows = np.asarray(share, np.int64)
-                _stage(table, tf_constant(key), tf_constant(len(rows)), tf_constant(rows.reshape(len(rows), -1)))
+                stage(tf_constant(key), tf_constant(len(rows)), tf_constant(rows.reshape(len(rows), -1)))
 
     def request(self, key: int, batch: int) -> None:
-        _enqueue_request(self.requests().handle, tf_constant(key), tf_constant(batch))
+        self._enqueue(self.requests().handle, tf_constant(key), tf_constant(batch))
 
     def requests_at_once(self, keys, batches) -> None:
         """Put several requests in the queue in one step, as if their clients had asked at the same moment."""
-        _enqueue_requests(self.requests().handle, tf_constant(keys), tf_constant(batches))
+        self._enqueue_many(self.requests().handle, tf_constant(keys), tf_constant(batches))
 
     def staged(self, key: int):
         """What each server holds under ``key``: its batch size there, or -1."""
-        return [int(_present(table, tf_constant([key]))[0]) for table in self.tables]
+        return [int(present(tf_constant([key])).numpy()[0]) for present in self._present]
 
 
 def tf_constant(value):
@@ -103,38 +117,17 @@ def tf_constant(value):
     return tf.constant(value, tf.int64)
 
 
-def _stage(table, key, batch, rows):
+def _staged(table, key, batch, rows):
     from private_predictions._tf import tf
-
-    @tf.function
-    def stage(key, batch, rows):
-        with tf.device(table.device):
-            with tf.control_dependencies([table.put_share(key, batch, rows)]):
-                return tf.constant(True)
-    return stage(key, batch, rows)
-
-
-def _present(table, keys):
-    from private_predictions._tf import tf
-    return tf.function(lambda keys: _on(table, lambda: table.present(keys)))(keys).numpy()
+    with tf.device(table.device):
+        with tf.control_dependencies([table.put_share(key, batch, rows)]):
+            return tf.constant(True)
 
 
 def _on(table, make):
     from private_predictions._tf import tf
     with tf.device(table.device):
         return make()
-
-
-def _enqueue_request(requests, key, batch):
-    from private_predictions._tf import tf
-    return tf.function(lambda q, k, b: (gen_data_flow_ops.queue_enqueue_v2(q, [k, b]),
-                                        gen_data_flow_ops.queue_size_v2(q))[-1])(requests, key, batch)
-
-
-def _enqueue_requests(requests, keys, batches):
-    from private_predictions._tf import tf
-    return tf.function(lambda q, k, b: (gen_data_flow_ops.queue_enqueue_many_v2(q, [k, b]),
-                                        gen_data_flow_ops.queue_size_v2(q))[-1])(requests, keys, batches)
 
 
 HOSTS = ("server0", "server1", "server2", "owner", "client")

@@ -8,6 +8,7 @@ refused at the door, without holding up anybody else.
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -632,7 +633,7 @@ def test_lone_shares_are_removed_so_the_servers_memory_stops_growing(tmp_path, x
             hand = Hand(cluster.config_path)
             shares = 20 * MAX_BATCH_SIZE * 28 * 28 * 8  # 8 MB a round
             grown = []
-            while len(grown) < 12 and not (len(grown) >= 2 and max(grown[-2:]) < shares / 4):
+            while len(grown) < 12 and not (len(grown) >= 4 and max(grown[-2:]) < shares / 4):
                 before = server_memory(cluster, "server1")
                 sent = [lone_shares(card, 2, refused_partner=True) for card in cards]
                 for channel, calls, _ in sent:
@@ -642,8 +643,10 @@ def test_lone_shares_are_removed_so_the_servers_memory_stops_growing(tmp_path, x
                 assert all(hand.staged(key) == [-1, -1] for _, _, keys in sent for key in keys)
                 grown.append(server_memory(cluster, "server1") - before)
             print(f"server1's memory grew by {[round(g / 1e6, 1) for g in grown]} MB in rounds of {shares / 1e6:.1f} MB")
-            # The first rounds grow gRPC's, TensorFlow's and the allocator's pools; then the rounds reuse them.
-            # Kept for ever, each round's shares would add their 8 MB again, however many rounds.
-            assert max(grown[-2:]) < shares / 4, grown
+            # The first rounds grow gRPC's, TensorFlow's and the allocator's pools; then the rounds reuse them:
+            # most add 0.1 to 0.3 MB, and now and then one adds a few MB of the allocator's. Kept for ever, each
+            # round's shares would add their 8 MB again, every round: the typical round after the first two
+            # (the median, which one large round does not move) must add less than a quarter of that.
+            assert statistics.median(grown[2:]) < shares / 4, grown
         finally:
             serving.stop()
