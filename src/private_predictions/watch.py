@@ -45,7 +45,6 @@ class ServerWatch:
     def __init__(self, config: ClusterConfig, advice: str):
         self.config, self.advice = config, advice
         self._silent_since: Dict[str, float] = {}
-        self._refused: Dict[str, float] = {}  # when each server's port last refused
 
     def check(self) -> None:
         gone = self.first_gone()
@@ -60,10 +59,8 @@ class ServerWatch:
             found = probe(*self.config.address(name))
             if found == "open":
                 self._silent_since.pop(name, None)
-                self._refused.pop(name, None)
             elif found == "refused":
                 self._silent_since.pop(name, None)
-                self._refused[name] = now
                 return name
             elif now - self._silent_since.setdefault(name, now) >= silent_after:
                 return name
@@ -74,10 +71,9 @@ class ServerWatch:
         return name in self._silent_since
 
     def error(self, name: str) -> ServerUnreachableError:
-        silent = self.silent(name)
-        since = self._silent_since.get(name) if silent else self._refused.get(name)
+        # A silent host's outage began when it was first found silent; a refusing one's, now.
         return ServerUnreachableError(f"{name} ({self.config.hosts[name]}) is not answering. {self.advice}",
-                                      name, silent, since)
+                                      name, self.silent(name), self._silent_since.get(name))
 
     def explain(self, error: BaseException) -> BaseException:
         """The error to show for a failed TF call: the server it lost, if one is gone.
