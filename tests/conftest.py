@@ -117,6 +117,22 @@ def tf_constant(value):
     return tf.constant(value, tf.int64)
 
 
+def shared(protocol, values, scaled=False):
+    """Shares of whole numbers, made inside the traced function that calls this: server0 gets random words,
+    server1 the differences."""
+    from tf_encrypted.protocol.pond.pond import PondPrivateTensor
+
+    from private_predictions._tf import tf
+    share0 = np.random.default_rng().integers(-2**63, 2**63, size=values.shape, dtype=np.int64)
+    with np.errstate(over="ignore"):
+        share1 = values.astype(np.int64) - share0
+    tensors = []
+    for share, server in ((share0, protocol.server_0), (share1, protocol.server_1)):
+        with tf.device(server.device_name):
+            tensors.append(protocol.tensor_factory.tensor(tf.constant(share)))
+    return PondPrivateTensor(protocol, tensors[0], tensors[1], scaled)
+
+
 def _staged(table, key, batch, rows):
     from private_predictions._tf import tf
     with tf.device(table.device):

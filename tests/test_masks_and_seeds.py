@@ -20,11 +20,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from tf_encrypted.operations import secure_random
-from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 
 import private_predictions.masking as masking_module
 import private_predictions.relu as relu_module
 import private_predictions.truncation as truncation_module
+from conftest import shared
 from private_predictions import connect, load_logits_model, load_mnist, share_model
 from private_predictions._tf import tf
 from private_predictions.protocol import FIXED_POINT
@@ -41,18 +41,6 @@ MODULES = (masking_module, relu_module, truncation_module)
 @pytest.fixture(scope="module")
 def protocol(cluster):
     return connect(cluster.config)
-
-
-def shared(protocol, values, scaled=False):
-    """Shares of whole numbers, made inside the traced function: server0 gets random words, server1 the rest."""
-    share0 = np.random.default_rng().integers(-2**63, 2**63, size=values.shape, dtype=np.int64)
-    with np.errstate(over="ignore"):
-        share1 = values.astype(np.int64) - share0
-    tensors = []
-    for share, server in ((share0, protocol.server_0), (share1, protocol.server_1)):
-        with tf.device(server.device_name):
-            tensors.append(protocol.tensor_factory.tensor(tf.constant(share)))
-    return PondPrivateTensor(protocol, tensors[0], tensors[1], scaled)
 
 
 def rebuilt(result):

@@ -1,9 +1,9 @@
 """The servers' ReLU (relu.py): exact for every value within its bound, and server2 learns nothing."""
 import numpy as np
 import pytest
-from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 
 import private_predictions.relu as relu_module
+from conftest import shared
 from private_predictions import connect
 from private_predictions._tf import tf
 from private_predictions.relu import PRIME, WHOLE_RING, clip, relu
@@ -12,18 +12,6 @@ from private_predictions.relu import PRIME, WHOLE_RING, clip, relu
 @pytest.fixture(scope="module")
 def protocol(cluster):
     return connect(cluster.config)
-
-
-def shared(protocol, values):
-    """Shares of whole numbers, made here: server0 gets random words, server1 the differences."""
-    share0 = np.random.default_rng().integers(-2**63, 2**63, size=values.shape, dtype=np.int64)
-    with np.errstate(over="ignore"):
-        share1 = values.astype(np.int64) - share0
-    tensors = []
-    for share, server in ((share0, protocol.server_0), (share1, protocol.server_1)):
-        with tf.device(server.device_name):
-            tensors.append(protocol.tensor_factory.tensor(tf.constant(share)))
-    return PondPrivateTensor(protocol, tensors[0], tensors[1], False)
 
 
 def run(protocol, values, bound_bits, divisor=1, also=lambda: ()):
