@@ -20,7 +20,7 @@ from private_predictions.cluster import wait_for_servers
 from private_predictions.commands import server as server_command
 from private_predictions.ports import find_free_base_port, listens_on
 from private_predictions.queues import MAX_BATCH_SIZE, PIXELS, someone_serves
-from private_predictions.waiting import wait_until
+from private_predictions.waiting import BackgroundCall, wait_for, wait_until
 from private_predictions.tooling import start_serving_process
 
 # One process of a race: start at the agreed moment, say how it went, keep a won cluster until stdin closes.
@@ -353,3 +353,23 @@ def test_a_client_started_before_the_servers_says_what_it_waits_for_at_once(tmp_
         wait_for_servers(tmp_path / "cluster.json", timeout=2, say=said.append)
     assert len(said) == 1 and "Waiting up to 2 s" in said[0] and "cluster.json" in said[0]
     assert time.monotonic() - start < 5
+
+
+def test_a_waits_result_comes_once_the_calls_thread_has_cleaned_up():
+    # TensorFlow keeps graphs in thread-local storage, deleted as the thread ends. The serve command
+    # exited while the thread of its last call was still deleting one, and aborted ("terminate called
+    # without an active exception", exit -6) about one time in four.
+    kept = threading.local()
+    deleted = []
+
+    class Graph:
+        def __del__(self):
+            time.sleep(0.2)  # a deletion that takes a moment, after the call has returned
+            deleted.append(True)
+
+    def trace():
+        kept.graph = Graph()
+        return "traced"
+
+    assert wait_for(BackgroundCall(trace), 10) == "traced"
+    assert deleted == [True]

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Optional
 
 SLICE = 0.1  # how long a wait sleeps between looks at its deadline: the interrupt latency
 WATCH_INTERVAL = 0.5
+CLEAN_UP_SECONDS = 5.0  # how long a finished call's thread may take to end (see BackgroundCall.end)
 
 
 class BackgroundCall:
@@ -40,7 +41,18 @@ class BackgroundCall:
         """Wait up to ``seconds``; a KeyboardInterrupt gets through (Event.wait is interruptible)."""
         return self._done.wait(seconds)
 
+    def end(self, seconds: float = CLEAN_UP_SECONDS) -> None:
+        """Wait up to ``seconds`` for the call's thread to end, not only the call.
+
+        As the thread ends it deletes what it kept in thread-local storage (TensorFlow keeps
+        graphs there). A daemon thread still doing that when Python exits aborts the process
+        ("terminate called without an active exception"). Bounded, in case a call or a
+        deletion waits on a silent host: such a thread is abandoned.
+        """
+        self._thread.join(seconds)
+
     def result(self):
+        self.end()  # handed over once the thread has cleaned up, so the caller may exit at once
         if self._error is not None:
             raise self._error
         return self._result
