@@ -363,8 +363,6 @@ class _Session:
                 bounded(step, timeout=2.0, message="")
             except (tf.errors.OpError, TimeoutError, AttributeError):
                 pass  # a server is gone: clients will notice that too
-        if self._incoming is not None:  # its wait for a request failed as its queue was closed
-            self._incoming.end(2.0)
         self._heartbeat.join(2.0)
 
     def run(self, num_requests: Optional[int], timeout: Optional[float], until_done: bool) -> Served:
