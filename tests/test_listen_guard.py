@@ -10,6 +10,7 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from typing import Optional
 
 import psutil
 import pytest
@@ -231,6 +232,17 @@ def test_servers_on_several_hosts_each_listen_on_their_own_address_only(network,
         assert set(sockets().values()) == {f"::ffff:{network.addresses[name]}"}, name
 
 
+def kernel_of(lab: subprocess.Popen) -> Optional[psutil.Process]:
+    """JupyterLab's kernel process, or None while it has none."""
+    for child in psutil.Process(lab.pid).children(recursive=True):
+        try:
+            if "ipykernel_launcher" in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:  # a child that has just ended (a zombie until it is reaped) is no kernel
+            continue
+    return None
+
+
 @pytest.mark.parametrize("runtime_folder", ["usual", "too deep for a Unix socket"])
 def test_make_labs_kernels_talk_over_unix_sockets_and_start_wherever_the_runtime_folder_is(runtime_folder):
     # `make lab` runs scripts/lab.sh. Its kernels' five channels are Unix sockets in the runtime folder, not
@@ -267,9 +279,7 @@ def test_make_labs_kernels_talk_over_unix_sockets_and_start_wherever_the_runtime
         with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/",
                                                            headers={"Authorization": "token test"})) as got:
             assert got.url.endswith("/lab/tree/notebooks"), got.url
-        kernel = wait_until(lambda: next((child for child in psutil.Process(lab.pid).children(recursive=True)
-                                          if "ipykernel_launcher" in " ".join(child.cmdline())), None),
-                            30, "the kernel did not start")
+        kernel = wait_until(lambda: kernel_of(lab), 30, "the kernel did not start")
         if runtime_folder == "usual":
             wait_until(lambda: len(list(runtime.glob(f"kernel-{kernel_id}-ipc-*"))) == 5, 30,
                        f"the kernel opened no Unix sockets:\n{log.read_text()[-2000:]}")
