@@ -9,6 +9,7 @@ import ast
 import builtins
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -94,6 +95,8 @@ class Kernel:
 
         env = dict(os.environ, PRIVATE_PREDICTIONS_HOME=str(home), MPLBACKEND="Agg")
         self.manager, self.client = start_new_kernel(kernel_name="python3", env=env, cwd=str(NOTEBOOK_DIR))
+        # A run that never ends asks the kernel where its threads are (see stuck): binds no name.
+        self.run("__import__('faulthandler').register(__import__('signal').SIGUSR1, all_threads=True)", 60)
 
     def start(self, code: str) -> str:
         return self.client.execute(code)
@@ -102,7 +105,8 @@ class Kernel:
         """What the execution ``started`` printed, once it has ended (or once it printed ``until_printed``)."""
         printed, error, deadline = [], None, time.monotonic() + timeout
         while True:
-            assert time.monotonic() < deadline, f"no end in {timeout} s; printed:\n{''.join(printed)}"
+            if time.monotonic() > deadline:
+                raise AssertionError(self.stuck(f"no end in {timeout} s; printed:\n{''.join(printed)}"))
             try:
                 message = self.client.get_iopub_msg(timeout=1)
             except Exception:  # noqa: BLE001  (queue.Empty: nothing yet)
@@ -121,6 +125,14 @@ class Kernel:
                 if error:
                     raise AssertionError(f"{error}\nprinted:\n{''.join(printed)}")
                 return "".join(printed)
+
+    def stuck(self, what: str) -> str:
+        """``what``, and whether the kernel died; if not, its threads' stacks go to its stderr (pytest shows it)."""
+        if not self.manager.is_alive():
+            return f"{what}\nThe kernel died (exit code {self.manager.provisioner.process.poll()})."
+        os.kill(self.manager.provisioner.pid, signal.SIGUSR1)
+        time.sleep(1)  # not a race: the kernel writes its stacks before the test fails and shows them
+        return f"{what}\nThe kernel is alive: its threads' stacks are in the captured stderr below."
 
     def run(self, code: str, timeout: float = 300) -> str:
         return self.finish(self.start(code), timeout)
