@@ -278,14 +278,17 @@ def expected_traffic(relus, truncations):
     seed = ("seed", "int32", 8)
     sent = Counter()
     for n, k, divided in relus:
+        # A ReLU that divides compares bits k ... t of k + 1 (2^t the largest power of 2 up to SCALE); else k bits.
+        compared = k + 1 - (SCALE.bit_length() - 1) if divided else k
         sent.update({
             # server2: seeds of server0's shares of r, a, b, the bits of r, a*b (and r_q, h); the comparison's answer
             ("server2", "server0") + seed: 5 + 2 * divided, ("server2", "server0", "answer", "int64", n): 1,
             # server2: seeds of server1's shares of r, a, b; its share of a*b (and of r_q, h), of r's bits (mod 67)
             ("server2", "server1") + seed: 3, ("server2", "server1", "dealt", "int64", n): 1 + 2 * divided,
-            ("server2", "server1", "dealt", "uint8", n * k): 1, ("server2", "server1", "answer", "int64", n): 1,
+            ("server2", "server1", "dealt", "uint8", n * compared): 1, ("server2", "server1", "answer", "int64", n): 1,
             # server0 and server1: their part of the comparison's numbers (mod 67) to server2
-            ("server0", "server2", "value", "uint8", n * k): 1, ("server1", "server2", "value", "uint8", n * k): 1,
+            ("server0", "server2", "value", "uint8", n * compared): 1,
+            ("server1", "server2", "value", "uint8", n * compared): 1,
             # server0 to server1: the seeds of their common randomness; both ways: the shares of c and d opened
             ("server0", "server1") + seed: 4,
             ("server0", "server1", "value", "int64", n): 2, ("server1", "server0", "value", "int64", n): 2})

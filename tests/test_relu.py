@@ -41,11 +41,18 @@ def test_exact_at_the_edges_of_the_bound_the_network_uses(protocol):
 
 def test_a_product_is_truncated_on_the_way_with_the_sign_of_the_value_before(protocol):
     scale, k = 3**10, 42
-    edges = np.array([-2**k, -scale, -1, 0, 1, scale - 1, scale, 2**k - 1], dtype=np.int64)
-    values = np.concatenate([np.tile(edges, 50), np.random.default_rng(1).integers(-2**k, 2**k, 2000)])
+    skipped = 2**15  # the largest power of 2 up to the scale: the comparison skips the bits below it
+    edges = np.array([-2**k, -2**k + 1, -scale, -skipped, -skipped + 1, -1, 0, 1, scale - 1, scale,
+                      2**k - skipped, 2**k - 1], dtype=np.int64)
+    values = np.concatenate([np.tile(edges, 50), np.random.default_rng(1).integers(-2**k, 2**k, 2000),
+                             np.tile(np.arange(-2 * skipped, 2 * skipped, 7), 2)])
     result, _ = run(protocol, values, bound_bits=k, divisor=scale)
-    assert (result[values < 0] == 0).all()
-    assert set(result[values >= 0] - values[values >= 0] // scale) <= {0, 1}
+    quotient = result - values // scale
+    assert (result[values <= -skipped] == 0).all()
+    assert set(quotient[values >= 0]) <= {0, 1}
+    # Just below 0 the skipped bits would have decided: the value is let through or not, -1 or 0 either way.
+    near = (values < 0) & (values > -skipped)
+    assert set(result[near]) <= {-1, 0} and near.sum() > 1000
 
 
 @pytest.mark.parametrize("value", [5, -5])

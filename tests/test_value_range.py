@@ -141,7 +141,8 @@ def test_a_fused_relu_too_large_only_before_it_is_scaled_down_not_accepted():
 def servers_largest_values(model, images, generator):
     """Each layer's largest magnitude as the servers compute it (network.py), in whole numbers: inputs
     round(x * scale), weights round(w / area * scale), biases round(b * scale^2), each truncation
-    floor(x / scale) plus 0 or 1 (random here); a fused ReLU's layer counts its values before the ReLU too."""
+    floor(x / scale) plus 0 or 1 (random here); a ReLU that truncates lets a product in (-2^15, 0)
+    through or not (random here, relu.py); a fused ReLU's layer counts its values before the ReLU too."""
     scale = FIXED_POINT.scaling_factor
     x, doubled, seen = np.round(images * scale).astype(np.int64), False, []
     areas = [1.0] + servers_factors(model)[:-1]
@@ -170,7 +171,8 @@ def servers_largest_values(model, images, generator):
         elif kind == "Flatten":
             x = x.reshape(len(x), -1)
         if layer.get_config().get("activation") == "relu":
-            x, doubled = np.where(x >= 0, truncate(x) if doubled else x, 0), False
+            through = (x >= 0) | ((x > -2**15) & (generator.integers(0, 2, x.shape) == 0)) if doubled else x >= 0
+            x, doubled = np.where(through, truncate(x) if doubled else x, 0), False
         seen.append(max(before_relu, np.abs(x).max() / (scale ** 2 if doubled else scale)))
     if doubled:
         seen[-1] = max(seen[-1], np.abs(truncate(x)).max() / scale)
@@ -205,6 +207,25 @@ def test_the_bound_holds_for_the_servers_rounded_weights_and_truncations():
     # A margin, not a loose bound: the first convolution's largest value (all-ones image) is reached to
     # within its nine weights' half units and one truncation's unit.
     assert proven[0] - servers_largest_values(model, images, generator)[0] < 6 / scale
+
+
+def test_the_bound_holds_when_a_relu_lets_values_just_below_zero_through():
+    # Every product of the first layer is its bias, a little below 0: the servers' ReLU may let it through
+    # as -1 unit (relu.py). Many such units, each times -1, add up in the next layer.
+    scale = FIXED_POINT.scaling_factor
+    model = tf.keras.Sequential([
+        tf.keras.layers.Conv2D(8, 3, activation="relu", input_shape=(8, 8, 1)),
+        tf.keras.layers.Flatten(),
+        tf.keras.layers.Dense(2),
+    ])
+    model.set_weights([np.zeros((3, 3, 1, 8)), np.full(8, -0.1 / scale), np.full((288, 2), -1.0), np.zeros(2)])
+    # The worst case: every such product let through, every truncation rounded down. Black images only, so
+    # that the proof's margins for the first layer's rounded weights are not larger than the effect.
+    worst = SimpleNamespace(integers=lambda low, high, shape: np.zeros(shape, np.int64))
+    proven = [bound for _, bound in bounds(model, low=0.0, high=0.0)]
+    seen = servers_largest_values(model, np.zeros((1, 8, 8, 1)), worst)
+    assert seen[-1] == 288 / scale  # 288 units of -1, each times -1
+    assert all(value <= bound for value, bound in zip(seen, proven))
 
 
 def sequential(*layers):

@@ -18,7 +18,8 @@ without changing what anyone learns:
   opening, and costs no opening of its own. Values that reach no ReLU (the logits) are truncated
   with an opening of their own. Every value opened is uniformly random.
 * **A ReLU that uses the proven bound** (relu.py): it compares 42 bits instead of 64, and needs
-  three message hops.
+  three message hops. After a product it skips the bits below the scale too (28 bits compared): they
+  change the truncated result by one unit at most, which the value-range proof counts.
 """
 from typing import Dict, List, Tuple
 

@@ -22,6 +22,15 @@ al. 2019, Algorithm 1), done here on k bits instead of 64.
 A product at the double scale is divided by the scale on the way (``divisor``): the same
 opening ``c`` gives the truncated value (truncation.py), so the ReLU needs no opening of its own
 for it, and what is opened stays uniformly random.
+
+With a divisor D, the comparison also skips the t lowest bits, for the largest 2^t <= D: the borrow
+is read off bits t ... k-1 of c and r alone. It differs from the true borrow only where those bits
+agree and the lower ones would have decided, that is where x mod 2^k lies within 2^t below 2^k. The
+bound gets one bit of headroom (x lies in [-2^(k-1), 2^(k-1)) in the k used), so that happens only for
+x in (-2^t, 0): such an x may be let through, and its quotient floor(x / D) + (0 or 1) is -1 or 0, one
+unit of the encoding at most, as large as the truncation's own rounding. The proof of the value range
+counts it (value_range._relu). Each compared value costs k - t numbers instead of k: 28 instead of 42
+for the network's products.
 """
 from tf_encrypted.operations import secure_random
 from tf_encrypted.protocol.pond.pond import PondPrivateTensor
@@ -36,9 +45,9 @@ PRIME = 67  # larger than k + 2 for every k up to 63: a sum of k + 1 bits never 
 WHOLE_RING = 63
 
 
-def _low_bits(values, k):
-    """Bits k-1 ... 0 of each 64-bit value, most significant first, as int32."""
-    shifts = tf.range(k - 1, -1, -1, dtype=tf.int64)
+def _low_bits(values, k, skipped=0):
+    """Bits k-1 ... ``skipped`` of each 64-bit value, most significant first, as int32."""
+    shifts = tf.range(k - 1, skipped - 1, -1, dtype=tf.int64)
     return tf.cast(tf.bitwise.bitwise_and(tf.bitwise.right_shift(values[..., None], shifts), 1), tf.int32)
 
 
@@ -55,7 +64,8 @@ def _compare_share(party, bits, c, k, beta, multipliers, offsets, rotation):
     """One server's part of SecureNN's private compare of its bits' number with the public c mod 2^k.
 
     Reconstructed, the k numbers it returns (with the other server's) hold one zero exactly when
-    ``beta`` XOR ``[shared number > c mod 2^k]`` is 1, and are non-zero everywhere else.
+    ``beta`` XOR ``[shared number > c mod 2^k]`` is 1, and are non-zero everywhere else. (``c`` may be
+    shifted right first: the comparison then reads bits above the shift only.)
     """
     low = _low_bits(c, k)
     c_low = tf.bitwise.bitwise_and(c, 2**k - 1)
@@ -80,7 +90,8 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
     """max(x / divisor, 0) on shares, given that x lies in [-2^bound_bits, 2^bound_bits).
 
     With ``divisor`` > 1 (a product at the double scale), the result is floor(x / divisor) + 0 or 1
-    where x >= 0, read off the comparison's own opening. With ``bound_bits`` = WHOLE_RING (63) and no
+    where x >= 0, read off the comparison's own opening, and 0 where x < 0, except that an x within
+    2^t of 0 (the largest 2^t <= divisor) may be let through too: -1 or 0. With ``bound_bits`` = WHOLE_RING (63) and no
     divisor, x may be any 64-bit word, read as a signed number. With ``step``, the result is ``step``
     where x >= 0 and 0 elsewhere (the same comparison, letting a public number through instead of x).
     """
@@ -89,6 +100,11 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
         raise ValueError(f"bound_bits must be between 1 and {WHOLE_RING}, not {k}")
     if step and divisor > 1:
         raise ValueError("a step lets a public number through: there is nothing to divide")
+    skipped = 0  # the bits below the divisor, which the comparison skips (the module's docstring)
+    if divisor > 1:
+        k += 1  # headroom: only x in (-2^t, 0) can then be read as >= 0
+        skipped = min(divisor.bit_length() - 1, k - 1)
+    compared = k - skipped
     shift = offset(k, divisor) if divisor > 1 else None  # raises if 64-bit words cannot hold it
     shape = tuple(x.shape.as_list())
     servers = (protocol.server_0.device_name, protocol.server_1.device_name)
@@ -103,7 +119,7 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
             drawn = [{name: _uniform(shape, seeds[i][name], *WORDS) for name in ("r", "a", "b")} for i in range(2)]
             r = drawn[0]["r"] + drawn[1]["r"]
             a = drawn[0]["a"] + drawn[1]["a"]
-            bits1 = _low_bits(r, k) - _uniform(shape + (k,), seeds[0]["bits"], 0, PRIME, tf.int32)
+            bits1 = _low_bits(r, k, skipped) - _uniform(shape + (compared,), seeds[0]["bits"], 0, PRIME, tf.int32)
             bits1 = tf.cast(bits1 % PRIME, tf.uint8)
             ab1 = a * (drawn[0]["b"] + drawn[1]["b"]) - _uniform(shape, seeds[0]["ab"], *WORDS)
             r_top = _bit(r, k)
@@ -115,7 +131,7 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
                 held = {name: _uniform(shape, seeds[i][name], *WORDS) for name in ("r", "a", "b")}
                 if i == 0:
                     held["ab"] = _uniform(shape, seeds[0]["ab"], *WORDS)
-                    held["bits"] = _uniform(shape + (k,), seeds[0]["bits"], 0, PRIME, tf.int32)
+                    held["bits"] = _uniform(shape + (compared,), seeds[0]["bits"], 0, PRIME, tf.int32)
                     if shift is not None:
                         held["wrap"] = seeded_wrap_shares(seeds[0], shape)
                 else:
@@ -144,10 +160,11 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
                     y_shares.append(quotient_share(i, c + (shift - 2**k), shift, divisor, *dealt[i]["wrap"]))
                 opened_d.append(y_shares[i] - dealt[i]["b"])
                 beta = _uniform(shape, common["beta"], 0, 2, tf.int32)
-                multipliers = _uniform(shape + (k,), common["multipliers"], 1, PRIME, tf.int32)
-                offsets = _uniform(shape + (k,), common["offsets"], 0, PRIME, tf.int32)
-                rotation = _uniform(shape, common["rotation"], 0, k, tf.int32)
-                answers.append(_compare_share(i, dealt[i]["bits"], c, k, beta, multipliers, offsets, rotation))
+                multipliers = _uniform(shape + (compared,), common["multipliers"], 1, PRIME, tf.int32)
+                offsets = _uniform(shape + (compared,), common["offsets"], 0, PRIME, tf.int32)
+                rotation = _uniform(shape, common["rotation"], 0, compared, tf.int32)
+                answers.append(_compare_share(i, dealt[i]["bits"], tf.bitwise.right_shift(c, skipped), compared,
+                                              beta, multipliers, offsets, rotation))
                 flips.append(tf.bitwise.bitwise_xor(_bit(c, k), tf.cast(beta, tf.int64)))
         with tf.device(helper):
             numbers = open_masked(protocol, *(tf.cast(answer, tf.int32) for answer in answers)) % PRIME

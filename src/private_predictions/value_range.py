@@ -254,10 +254,13 @@ def _truncated(box, scale):
     return box[0] - 1.0 / scale, box[1] + 1.0 / scale
 
 
-def _relu(box):
+def _relu(box, scale=None):
     """The servers keep the truncated value where the value before truncation is >= 0, which makes
-    it >= 0 too (floor plus 0 or 1): the ReLU of the truncated box holds it."""
-    return np.maximum(box[0], 0), np.maximum(box[1], 0)
+    it >= 0 too (floor plus 0 or 1): the ReLU of the truncated box holds it. A ReLU that truncates
+    (``scale``) may also keep a value just below 0 (relu.py skips the bits below the scale in its
+    comparison): its truncation is then -1 or 0, so nothing kept is below -1 unit (1 / scale)."""
+    floor = 0.0 if scale is None else -1.0 / scale
+    return np.maximum(box[0], floor), np.maximum(box[1], 0)
 
 
 def _weights(layer, area: float, scale: float):
@@ -325,7 +328,7 @@ def bounds(keras_model, low: float = 0.0, high: float = 1.0, scale: float = SCAL
         elif kind == "Flatten":
             box = (box[0].reshape(1, -1), box[1].reshape(1, -1))
         if _relu_in(layer):
-            box, doubled = _relu(_truncated(box, scale) if doubled else box), False
+            box, doubled = (_relu(_truncated(box, scale), scale) if doubled else _relu(box)), False
         found.append((layer.name, max(before_relu, _magnitude(box))))
     if doubled:  # the answer is truncated once more before it is returned
         found[-1] = (found[-1][0], max(found[-1][1], _magnitude(_truncated(box, scale))))
