@@ -1,4 +1,5 @@
-"""What server2 deals and what the openers hold, checked on the series' ReLU (relu.py) and truncation (truncation.py).
+"""What server2 deals and what the openers hold, checked on the series' ReLU (relu.py), truncation (truncation.py)
+and, in the whole network, its products (product.py).
 
 A mask is only as good as its secrecy: ``c = x + r`` is uniformly random to server0 only if some part of
 ``r`` grows from a seed that server0 never gets. A mutant in which server2 draws one seed for both halves
@@ -22,6 +23,7 @@ import pytest
 from tf_encrypted.operations import secure_random
 
 import private_predictions.masking as masking_module
+import private_predictions.product as product_module
 import private_predictions.relu as relu_module
 import private_predictions.truncation as truncation_module
 from conftest import shared
@@ -35,7 +37,7 @@ from private_predictions.truncation import truncate
 SCALE, K = FIXED_POINT.scaling_factor, 42  # the network's divisor and the bound of its products
 SERVERS = ("server0", "server1")
 # The series' modules, and the names under which they use seeds, masks and openings.
-MODULES = (masking_module, relu_module, truncation_module)
+MODULES = (masking_module, product_module, relu_module, truncation_module)
 
 
 @pytest.fixture(scope="module")
@@ -207,11 +209,12 @@ def test_no_seed_is_used_twice_and_no_opened_word_comes_out_twice(protocol, monk
     server0 draws grows server0 and server1's common randomness, on those two). A mask drawn once for the
     whole batch, or once for two runs, would open equal words for equal secrets: no 64-bit word opened
     comes out twice, except that server0 and server1 each open every value."""
-    recorder = Recorder(monkeypatch)
     closing = []
     if computation == "network":
-        secure_model = share_model(load_logits_model(), protocol)
+        secure_model = share_model(load_logits_model(), protocol)  # the weights' masks are drawn here, once
         closing.append(secure_model.close)
+    recorder = Recorder(monkeypatch)
+    if computation == "network":
         (_, _), (x_test, _) = load_mnist()
         images = np.repeat(x_test[:1], 32, axis=0)
         values = np.round(images * protocol.fixedpoint_config.scaling_factor).astype(np.int64)

@@ -17,9 +17,9 @@ without changing what anyone learns:
   opens the product plus a uniformly random mask anyway: the truncation reads its result off that
   opening, and costs no opening of its own. Values that reach no ReLU (the logits) are truncated
   with an opening of their own. Every value opened is uniformly random.
-* **A ReLU that uses the proven bound** (relu.py): it compares 42 bits instead of 64, and needs
-  three message hops. After a product it skips the bits below the scale too (28 bits compared): they
-  change the truncated result by one unit at most, which the value-range proof counts.
+* **A ReLU that uses the proven bound** (relu.py): it needs three message hops, and compares 28 bits
+  instead of 64 after a product (bits 15 to 42; the 15 below the scale change the truncated result by
+  one unit at most, which the value-range proof counts), 26 for a value at the single scale.
 """
 from typing import Dict, List, Tuple
 
@@ -27,6 +27,7 @@ import numpy as np
 from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 
 from ._tf import tf
+from .product import MaskedWeights, product
 from .relu import clip, relu
 from .truncation import truncate
 from .value_range import kernel_and_bias, servers_factors
@@ -62,6 +63,7 @@ class SecretNetwork:
                     f"pool_size, padding 'valid'), not strides {layer.strides} with padding {layer.padding!r}")
         self.steps: List[Tuple] = []
         self.weights: Dict[int, Tuple] = {}
+        self.masked: Dict[int, MaskedWeights] = {}
         factors = servers_factors(keras_model)
         for index, (layer, area_before) in enumerate(zip(keras_model.layers, [1.0] + factors[:-1])):
             kind = type(layer).__name__
@@ -72,6 +74,7 @@ class SecretNetwork:
                 self.weights[index] = (
                     protocol.define_private_variable(np.round(kernel / area_before * self.scale), apply_scaling=False),
                     protocol.define_private_variable(np.round(bias * float(self.scale) ** 2), apply_scaling=False))
+                self.masked[index] = MaskedWeights(protocol, self.weights[index][0])  # opened once (product.py)
                 self.steps.append((kind, index, layer))
                 if layer.get_config()["activation"] == "relu":
                     self.steps.append(("ReLU", index, layer))
@@ -90,18 +93,24 @@ class SecretNetwork:
         protocol = self.protocol
         x = protocol.transpose(clip(protocol, x, self.scale), perm=NCHW)  # a pixel of 1 is the scale
         doubled = False  # whether x still carries the scale twice (an untruncated product)
-        for kind, index, layer in self.steps:
+        pooled = None  # a pooling already done with the product before it
+        for number, (kind, index, layer) in enumerate(self.steps):
             if kind in ("Conv2D", "Dense"):
                 if doubled:
                     x = truncate(protocol, x, self.bits_double, self.scale)
-                kernel, bias = (weight.read_value() for weight in self.weights[index])
                 if kind == "Conv2D":
-                    x = protocol.conv2d(x, kernel, layer.strides, layer.padding.upper())
+                    strides, padding = layer.strides, layer.padding.upper()
+                    apply = lambda u, v: u.conv2d(v, strides, padding)  # noqa: E731
                 else:
-                    x = protocol.matmul(x, kernel)
-                x, doubled = protocol.add(x, bias), True
+                    apply = lambda u, v: u.matmul(v)  # noqa: E731
+                following = self.steps[number + 1] if number + 1 < len(self.steps) else (None, None, None)
+                pooled = following[2] if following[0] == "AveragePooling2D" else None
+                then = (lambda value, pool=pooled: _window_sums(value, pool)) if pooled else (lambda value: value)
+                x = product(protocol, x, self.masked[index], self.weights[index][1].read_value(), apply, then)
+                doubled = True
             elif kind == "AveragePooling2D":
-                x = _sum_pool(protocol, x, layer)
+                if layer is not pooled:
+                    x = _sum_pool(protocol, x, layer)
             elif kind == "ReLU":
                 x = relu(protocol, x, self.bits_double, divisor=self.scale) if doubled else \
                     relu(protocol, x, self.bits_single)
@@ -111,14 +120,19 @@ class SecretNetwork:
         return truncate(protocol, x, self.bits_double, self.scale) if doubled else x
 
 
+def _window_sums(value, layer):
+    """Each window's sum of one server's words (NCHW); rows and columns short of a window are dropped."""
+    height, width = layer.pool_size
+    n, c, h, w = value.shape.as_list()
+    windows = tf.reshape(value[:, :, :h // height * height, :w // width * width],
+                         [n, c, h // height, height, w // width, width])
+    return tf.reduce_sum(windows, axis=[3, 5])
+
+
 def _sum_pool(protocol, x, layer):
     """Each window's sum, on each server's share alone: a sum of shares is a share of the sum."""
-    height, width = layer.pool_size
     pooled = []
     for share, device in zip(x.unwrapped, (protocol.server_0.device_name, protocol.server_1.device_name)):
         with tf.device(device):
-            n, c, h, w = share.shape.as_list()
-            windows = tf.reshape(share.value[:, :, :h // height * height, :w // width * width],
-                                 [n, c, h // height, height, w // width, width])
-            pooled.append(protocol.tensor_factory.tensor(tf.reduce_sum(windows, axis=[3, 5])))
+            pooled.append(protocol.tensor_factory.tensor(_window_sums(share.value, layer)))
     return PondPrivateTensor(protocol, pooled[0], pooled[1], x.is_scaled)

@@ -7,7 +7,7 @@ helper server (server2) can prepare the final multiplication in advance. What ea
 
 * server0 and server1 open ``c = x + 2^k + r`` for a random ``r`` that server2 dealt: ``c`` is
   uniformly random to them, whatever ``x`` is;
-* server2 receives, for each value, k numbers modulo a small prime that are either all non-zero
+* server2 receives, for each value, k numbers (k - t after a product, below) modulo a small prime that are either all non-zero
   or have exactly one zero, multiplied by random non-zero numbers, re-randomised and rotated by a
   random amount that only server0 and server1 know; whether a zero is there is XORed with a random
   bit that only server0 and server1 know. It learns nothing about ``x``;
