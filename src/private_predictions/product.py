@@ -2,22 +2,24 @@
 
 Beaver's product (notebook 01): to multiply a secret x by the secret weights W, server0 and server1
 open x - a and W - b for masks a and b that server2 dealt, and server2 deals shares of a*b. tf-encrypted
-opens W - b in every query, for a fresh b each time: for the last convolution's 18,496 weights that is
+opens W - b in every query, for a fresh b each time: for the last convolution's 18,432 weights that is
 most of a query's traffic at batch 1. The weights are the same in every query, so here they are masked
 once, when the model is shared:
 
 * server2 draws b, uniformly random, and keeps it; server0 and server1 each grow a share of it from a
   seed that server2 sends to that server only;
-* server0 and server1 open f = W - b once, and keep it. f is uniformly random to them (b is), and
-  server2 never sees it.
+* server0 and server1 open f = W - b once, and keep it. f is uniformly random to them (b is, to within
+  2^-64: masking.py), and server2 never sees it.
 
 In every query server2 deals a fresh mask a for the input (shares grown from seeds) and one server's share
 of a*b (the other's grows from a seed); server0 and server1 open e = x - a, uniformly random to them, and
 each computes its share of x*W = e*f + e*b + a*f + a*b. Reusing b is safe because b masks the same W
-each time: f says nothing new after its first opening, and each query's e, a and a*b are fresh.
+each time: f says nothing new after its first opening; each query's a, and so e, is fresh, and server1's
+share of a*b is masked by a fresh seed that only server0 and server2 hold. (A new sharing of the weights
+draws a new b: one b never masks two different W.)
 
 A sum pooling after the product, being linear, is done on each server's share before server2's share of
-a*b is added, and server2 pools a*b before dealing it: a quarter of the words to send for 2 x 2 windows.
+a*b is added, and server2 pools a*b before dealing it: a quarter of the words or fewer, for 2 x 2 windows.
 """
 from tf_encrypted.operations import secure_random
 from tf_encrypted.protocol.pond.pond import PondPrivateTensor
