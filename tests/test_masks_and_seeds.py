@@ -213,8 +213,6 @@ def test_no_seed_is_used_twice_and_no_opened_word_comes_out_twice(protocol, monk
     if computation == "network":
         secure_model = share_model(load_logits_model(), protocol)  # the weights' masks are drawn here, once
         closing.append(secure_model.close)
-    recorder = Recorder(monkeypatch)
-    if computation == "network":
         (_, _), (x_test, _) = load_mnist()
         images = np.repeat(x_test[:1], 32, axis=0)
         values = np.round(images * protocol.fixedpoint_config.scaling_factor).astype(np.int64)
@@ -222,6 +220,7 @@ def test_no_seed_is_used_twice_and_no_opened_word_comes_out_twice(protocol, monk
     else:
         values = np.tile(secrets(64, 1), (4, 1))
         computed = lambda: the_three(protocol, values)
+    recorder = Recorder(monkeypatch)  # after the model is shared: what a query draws and opens
 
     @tf.function
     def compute():

@@ -33,7 +33,6 @@ class MaskedWeights:
     server1, and f = W - b on both (opened once, here)."""
 
     def __init__(self, protocol, weights):
-        self.protocol = protocol
         shares = [share.value for share in weights.read_value().unwrapped]
         shape = tuple(shares[0].shape.as_list())
         servers = (protocol.server_0.device_name, protocol.server_1.device_name)

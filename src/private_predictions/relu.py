@@ -45,9 +45,9 @@ PRIME = 67  # larger than k + 2 for every k up to 63: a sum of k + 1 bits never 
 WHOLE_RING = 63
 
 
-def _low_bits(values, k, skipped=0):
-    """Bits k-1 ... ``skipped`` of each 64-bit value, most significant first, as int32."""
-    shifts = tf.range(k - 1, skipped - 1, -1, dtype=tf.int64)
+def _low_bits(values, k):
+    """Bits k-1 ... 0 of each 64-bit value, most significant first, as int32."""
+    shifts = tf.range(k - 1, -1, -1, dtype=tf.int64)
     return tf.cast(tf.bitwise.bitwise_and(tf.bitwise.right_shift(values[..., None], shifts), 1), tf.int32)
 
 
@@ -64,8 +64,8 @@ def _compare_share(party, bits, c, k, beta, multipliers, offsets, rotation):
     """One server's part of SecureNN's private compare of its bits' number with the public c mod 2^k.
 
     Reconstructed, the k numbers it returns (with the other server's) hold one zero exactly when
-    ``beta`` XOR ``[shared number > c mod 2^k]`` is 1, and are non-zero everywhere else. (``c`` may be
-    shifted right first: the comparison then reads bits above the shift only.)
+    ``beta`` XOR ``[shared number > c mod 2^k]`` is 1, and are non-zero everywhere else. (With c and the
+    shared number's bits both shifted right first, it compares the bits above the shift only.)
     """
     low = _low_bits(c, k)
     c_low = tf.bitwise.bitwise_and(c, 2**k - 1)
@@ -119,7 +119,7 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
             drawn = [{name: _uniform(shape, seeds[i][name], *WORDS) for name in ("r", "a", "b")} for i in range(2)]
             r = drawn[0]["r"] + drawn[1]["r"]
             a = drawn[0]["a"] + drawn[1]["a"]
-            bits1 = _low_bits(r, k, skipped) - _uniform(shape + (compared,), seeds[0]["bits"], 0, PRIME, tf.int32)
+            bits1 = _low_bits(tf.bitwise.right_shift(r, skipped), compared) - _uniform(shape + (compared,), seeds[0]["bits"], 0, PRIME, tf.int32)
             bits1 = tf.cast(bits1 % PRIME, tf.uint8)
             ab1 = a * (drawn[0]["b"] + drawn[1]["b"]) - _uniform(shape, seeds[0]["ab"], *WORDS)
             r_top = _bit(r, k)
