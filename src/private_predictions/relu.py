@@ -108,9 +108,15 @@ def _answer(party, bits, c, k, beta, masks, rotation):
     return _compare_share(party, bits, c, k, beta, 1 + masks // PRIME, masks % PRIME, rotation)
 
 
+def _mod_prime(opened):
+    """The sum of two numbers below PRIME (bytes: it fits in 8 bits), modulo PRIME."""
+    return tf.where(opened >= PRIME, opened - PRIME, opened)
+
+
 # XLA compiles the comparison's thirty-odd steps on k numbers per value into a few passes over memory, on
 # the server that calls it: several times faster than running them one TensorFlow op at a time.
 _compiled_answer = tf.function(_answer, jit_compile=True)
+_compiled_mod_prime = tf.function(_mod_prime, jit_compile=True)  # on server2: one pass, no broadcasting
 
 
 def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step: int = 0):
@@ -193,8 +199,7 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
                                                 beta, masks, rotation))
                 flips.append(tf.bitwise.bitwise_xor(_bit(c, k), tf.cast(beta, tf.int64)))
         with tf.device(helper):
-            opened = open_masked(protocol, *answers)  # each below PRIME, so their sum fits in 8 bits
-            numbers = tf.where(opened >= PRIME, opened - PRIME, opened)  # mod PRIME
+            numbers = _compiled_mod_prime(open_masked(protocol, *answers))
             e = tf.bitwise.bitwise_xor(_zero_anywhere(numbers), r_top) - a
         out = []
         for i, device in enumerate(servers):
