@@ -18,6 +18,31 @@ def uniform(shape, seed, low, high, dtype=tf.int64):
     return secure_random.seeded_random_uniform(shape, minval=low, maxval=high, dtype=dtype, seed=seed)
 
 
+def small_uniform(shape, seed, base: int):
+    """Numbers uniform in [0, base) of ``shape``, grown from ``seed``, several from each random draw.
+
+    A draw uniform in [0, base^n) is n digits in base ``base``, independent and uniform; the draw costs
+    about the same whatever its range, so this takes 5 numbers modulo 67 from one draw instead of one.
+    The last axis is cut into groups of n (the last group's unused digits are dropped).
+    """
+    per = 1
+    while base ** (per + 1) < 2**31:  # the draws are 32-bit words
+        per += 1
+    *outer, last = shape
+    draws = uniform(tuple(outer) + (-(-last // per),), seed, 0, base ** per, tf.int32)
+    return _compiled_digits(draws, base, per)[..., :last]
+
+
+def _digits(draws, base: int, per: int):
+    """Each draw's ``per`` digits in base ``base``, least significant first, side by side on the last axis."""
+    powers = tf.constant([base ** j for j in range(per)], tf.int32)
+    digits = tf.math.floormod(tf.math.floordiv(draws[..., None], powers), base)
+    return tf.reshape(digits, draws.shape[:-1] + (draws.shape[-1] * per,))
+
+
+_compiled_digits = tf.function(_digits, jit_compile=True)  # XLA divides by constants without dividing
+
+
 def open_masked(protocol, share0, share1):
     """A value rebuilt from its two shares: every value opened here is masked by fresh randomness."""
     return protocol._reconstruct(share0, share1)

@@ -37,7 +37,7 @@ from tf_encrypted.operations import secure_random
 from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 
 from ._tf import tf
-from .masking import WORDS, open_masked
+from .masking import WORDS, open_masked, small_uniform
 from .masking import uniform as _uniform
 from .truncation import deal_wrap_material, offset, quotient_share, seeded_wrap_shares, word
 
@@ -108,6 +108,12 @@ def _answer(party, bits, c, k, beta, masks, rotation):
     return _compare_share(party, bits, c, k, beta, 1 + masks // PRIME, masks % PRIME, rotation)
 
 
+def _bits_share(r, share0, k):
+    """server1's shares modulo PRIME of r's k low bits, given server0's: each bit minus server0's share."""
+    difference = _low_bits(r, k) - share0
+    return tf.cast(tf.where(difference < 0, difference + PRIME, difference), tf.uint8)  # > -PRIME
+
+
 def _mod_prime(opened):
     """The sum of two numbers below PRIME (bytes: it fits in 8 bits), modulo PRIME."""
     return tf.where(opened >= PRIME, opened - PRIME, opened)
@@ -117,6 +123,7 @@ def _mod_prime(opened):
 # the server that calls it: several times faster than running them one TensorFlow op at a time.
 _compiled_answer = tf.function(_answer, jit_compile=True)
 _compiled_mod_prime = tf.function(_mod_prime, jit_compile=True)  # on server2: one pass, no broadcasting
+_compiled_bits_share = tf.function(_bits_share, jit_compile=True)  # on server2, as it deals
 
 
 def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step: int = 0):
@@ -152,8 +159,8 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
             drawn = [{name: _uniform(shape, seeds[i][name], *WORDS) for name in ("r", "a", "b")} for i in range(2)]
             r = drawn[0]["r"] + drawn[1]["r"]
             a = drawn[0]["a"] + drawn[1]["a"]
-            bits1 = _low_bits(tf.bitwise.right_shift(r, skipped), compared) - _uniform(shape + (compared,), seeds[0]["bits"], 0, PRIME, tf.int32)
-            bits1 = tf.cast(tf.where(bits1 < 0, bits1 + PRIME, bits1), tf.uint8)  # mod PRIME: bits1 > -PRIME
+            bits0 = small_uniform(shape + (compared,), seeds[0]["bits"], PRIME)  # server0's, grown there too
+            bits1 = _compiled_bits_share(tf.bitwise.right_shift(r, skipped), bits0, compared)
             ab1 = a * (drawn[0]["b"] + drawn[1]["b"]) - _uniform(shape, seeds[0]["ab"], *WORDS)
             r_top = _bit(r, k)
             if shift is not None:
@@ -164,7 +171,7 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
                 held = {name: _uniform(shape, seeds[i][name], *WORDS) for name in ("r", "a", "b")}
                 if i == 0:
                     held["ab"] = _uniform(shape, seeds[0]["ab"], *WORDS)
-                    held["bits"] = _uniform(shape + (compared,), seeds[0]["bits"], 0, PRIME, tf.int32)
+                    held["bits"] = small_uniform(shape + (compared,), seeds[0]["bits"], PRIME)
                     if shift is not None:
                         held["wrap"] = seeded_wrap_shares(seeds[0], shape)
                 else:
@@ -193,7 +200,7 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
                     y_shares.append(quotient_share(i, c + (shift - 2**k), shift, divisor, *dealt[i]["wrap"]))
                 opened_d.append(y_shares[i] - dealt[i]["b"])
                 beta = _uniform(shape, common["beta"], 0, 2, tf.int32)
-                masks = _uniform(shape + (compared,), common["masks"], 0, (PRIME - 1) * PRIME, tf.int32)
+                masks = small_uniform(shape + (compared,), common["masks"], (PRIME - 1) * PRIME)
                 rotation = _uniform(shape, common["rotation"], 0, compared, tf.int32)
                 answers.append(_compiled_answer(i, dealt[i]["bits"], tf.bitwise.right_shift(c, skipped), compared,
                                                 beta, masks, rotation))
