@@ -291,8 +291,9 @@ def expected_traffic(relus, truncations):
             # server0 and server1: their part of the comparison's numbers (mod 67) to server2
             ("server0", "server2", "value", "uint8", n * compared): 1,
             ("server1", "server2", "value", "uint8", n * compared): 1,
-            # server0 to server1: the seeds of their common randomness; both ways: the shares of c and d opened
-            ("server0", "server1") + seed: 4,
+            # server0 to server1: the seeds of their common randomness (the flip, the numbers' masks, the
+            # rotation); both ways: the shares of c and d opened
+            ("server0", "server1") + seed: 3,
             ("server0", "server1", "value", "int64", n): 2, ("server1", "server0", "value", "int64", n): 2})
     for n in truncations:
         sent.update({("server2", "server0") + seed: 3,  # server0's shares of r, r_q and h
@@ -345,3 +346,38 @@ def test_what_server2_sends_each_seed_to_one_server_and_only_the_answer_to_both(
     for (source, destination, _, dtype, elements), count in listed.items():
         in_bytes[(source, destination)] += count * elements * size[dtype]
     assert dict(in_bytes) == crossings(graph)
+
+
+# --- Small random numbers, several from one draw ------------------------------------------------------
+
+def chi_square(counts) -> float:
+    expected = counts.sum() / counts.size
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("base", [relu_module.PRIME, (relu_module.PRIME - 1) * relu_module.PRIME])
+def test_small_numbers_drawn_as_digits_are_uniform_independent_and_the_same_from_the_same_seed(protocol, base):
+    """masking.small_uniform takes several numbers from each draw: each must be uniform in [0, base), the
+    numbers of one draw independent of each other, and two servers with one seed must grow the same ones."""
+    rows = 100_000
+
+    @tf.function
+    def draw():
+        with tf.device(protocol.server_0.device_name):
+            seed = secure_random.secure_seed()
+            mine = masking_module.small_uniform((rows, 3), seed, base)
+        with tf.device(protocol.server_1.device_name):
+            theirs = masking_module.small_uniform((rows, 3), seed, base)
+        return mine, theirs
+
+    mine, theirs = (value.numpy() for value in draw())
+    np.testing.assert_array_equal(mine, theirs)
+    assert mine.min() >= 0 and mine.max() < base
+    bins = min(base, 67)  # numbers below 4,422 are counted in 67 bins of 66 numbers each
+    binned = mine * bins // base
+    for column in range(3):  # each uniform: a chi-square of bins - 1 degrees of freedom, within 6 of its sds
+        counts = np.bincount(binned[:, column], minlength=bins)
+        assert chi_square(counts) < (bins - 1) + 6 * np.sqrt(2 * (bins - 1)), column
+    # Numbers 0 and 1 come from the same draw (2 per draw for 4,422, 5 for 67): jointly uniform, so independent.
+    joint = np.bincount(binned[:, 0] * bins + binned[:, 1], minlength=bins * bins)
+    assert chi_square(joint) < (bins * bins - 1) + 6 * np.sqrt(2 * (bins * bins - 1))

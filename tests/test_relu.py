@@ -25,6 +25,21 @@ def run(protocol, values, bound_bits, divisor=1, also=lambda: ()):
     return share0.numpy() + share1.numpy(), extra
 
 
+def test_every_compiled_step_runs_on_a_server(protocol):
+    """XLA compiles parts of the comparison into functions; each call must run on a server, the one whose
+    shares it works on, never where the graph is built (the model owner's process would see them)."""
+    @tf.function
+    def compute():
+        y0, y1 = relu(protocol, shared(protocol, np.arange(-5, 5)), 6, divisor=3**10).unwrapped
+        return y0.value, y1.value
+
+    graph = compute.get_concrete_function().graph
+    servers = {protocol.server_0.device_name, protocol.server_1.device_name, protocol.server_2.device_name}
+    calls = [op for op in graph.get_operations() if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+    assert calls, "no compiled step found"
+    assert {op.device for op in calls} == servers, [(op.name, op.device) for op in calls]
+
+
 def test_exact_for_every_value_a_small_bound_allows(protocol):
     values = np.tile(np.arange(-2**6, 2**6), 20)  # each value meets many random masks
     result, _ = run(protocol, values, bound_bits=6)
