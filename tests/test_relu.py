@@ -38,6 +38,8 @@ def test_every_compiled_step_runs_on_a_server(protocol):
     calls = [op for op in graph.get_operations() if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
     assert calls, "no compiled step found"
     assert {op.device for op in calls} == servers, [(op.name, op.device) for op in calls]
+    for op in calls:  # and each where its inputs are: nothing moves to a compiled step
+        assert {tensor.op.device for tensor in op.inputs} == {op.device}, (op.name, op.device)
 
 
 def test_exact_for_every_value_a_small_bound_allows(protocol):

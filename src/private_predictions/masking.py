@@ -21,9 +21,11 @@ def uniform(shape, seed, low, high, dtype=tf.int64):
 def small_uniform(shape, seed, base: int):
     """Numbers uniform in [0, base) of ``shape``, grown from ``seed``, several from each random draw.
 
-    A draw uniform in [0, base^n) is n digits in base ``base``, independent and uniform; the draw costs
-    about the same whatever its range, so this takes 5 numbers modulo 67 from one draw instead of one.
-    The last axis is cut into groups of n (the last group's unused digits are dropped).
+    A draw uniform in [0, base^n) is n digits in base ``base``, independent and uniform: exactly, because
+    the draw rejects the words beyond the largest multiple of its range instead of reducing them modulo it
+    (a reduction would make the low top digits more likely). One draw costs about what a draw of one
+    number does, so this takes 5 numbers modulo 67 from each instead of one. The last axis is cut into
+    groups of n (the last group's unused digits are dropped).
     """
     per = 1
     while base ** (per + 1) < 2**31:  # the draws are 32-bit words

@@ -59,11 +59,13 @@ def _low_bits(values, k):
 def _sums_above(numbers, k):
     """For each of the k numbers in a row, the sum of those before it (an exclusive prefix sum).
 
-    As a product with a 0/1 matrix in float32: exact here (every sum is below 2^24 in magnitude), and
-    several times faster than TensorFlow's cumsum on rows this short.
+    As a product with a 0/1 matrix in float32: exact here (at most 62 numbers in [-66, 67], so every sum is
+    below 2^13 in magnitude, and float32 holds whole numbers exactly up to 2^24), and several times faster
+    than TensorFlow's cumsum on rows this short.
     """
     before = tf.constant(np.triu(np.ones((k, k), np.float32), 1))
-    return tf.cast(tf.matmul(tf.cast(numbers, tf.float32), before), tf.int32)
+    rows = tf.reshape(tf.cast(numbers, tf.float32), [-1, k])  # a matrix product needs rows, whatever the shape
+    return tf.reshape(tf.cast(tf.matmul(rows, before), tf.int32), tf.shape(numbers))
 
 
 def _bit(values, k):
@@ -152,7 +154,7 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
     with tf.name_scope("bounded-relu"):
         # server2 deals: a random r, the low bits of r shared modulo PRIME, and the multiplication
         # material (a, b, a*b) that finishes the ReLU. Most shares grow from seeds on the server that
-        # holds them; a seed is never used twice (equal seeds give equal random numbers).
+        # holds them; a seed never serves two purposes (equal seeds give equal random numbers).
         with tf.device(helper):
             seeds = [{name: secure_random.secure_seed() for name in names}
                      for names in (("r", "a", "b", "bits", "ab", "quotient", "wrap"), ("r", "a", "b"))]
