@@ -13,7 +13,7 @@ computed from it:
   for server0 and server1's common randomness, on those two only), and no opened word comes out twice,
   within a run, across a batch of equal values, or across two runs;
 * what crosses between the servers, read off the traced graph: each of server2's seeds goes to one server,
-  only the comparison's answer goes to both, with the types and sizes of a formula.
+  nothing goes to both, with the types and sizes of a formula.
 """
 from collections import Counter
 from types import SimpleNamespace
@@ -253,9 +253,9 @@ def test_no_seed_is_used_twice_and_no_opened_word_comes_out_twice(protocol, monk
                 opened.setdefault(value.numpy().tobytes(), []).append(where)
     assert all(sorted(places) == list(SERVERS) for places in opened.values()), \
         "a value opened other than once by each of server0 and server1"
-    # Each run opens calls / 2 values (c and d in a ReLU, c in a truncation), each by both servers.
+    # Each run opens calls / 2 values (c in a ReLU, c in a truncation), each by both servers: 3 at least.
     calls = sum(value.dtype == tf.int64 for _, value in recorder.opened)
-    assert len(opened) == calls >= 2 * (2 + 2 + 1), (len(opened), calls)
+    assert len(opened) == calls >= 2 * (1 + 1 + 1), (len(opened), calls)
     words_opened = np.concatenate([np.frombuffer(value, np.uint64) for value in opened])
     assert len(np.unique(words_opened)) == len(words_opened), \
         f"{len(words_opened) - len(np.unique(words_opened))} of {len(words_opened)} words opened came out twice"
@@ -282,19 +282,23 @@ def expected_traffic(relus, truncations):
     for n, k, divided in relus:
         # A ReLU that divides compares bits k ... t of k + 1 (2^t the largest power of 2 up to SCALE); else k bits.
         compared = k + 1 - (SCALE.bit_length() - 1) if divided else k
+        hidden = 2 if divided else 1  # what server2 knows of what the ReLU lets through: r_q and h, or r
         sent.update({
-            # server2: seeds of server0's shares of r, a, b, the bits of r, a*b (and r_q, h); the comparison's answer
-            ("server2", "server0") + seed: 5 + 2 * divided, ("server2", "server0", "answer", "int64", n): 1,
-            # server2: seeds of server1's shares of r, a, b; its share of a*b (and of r_q, h), of r's bits (mod 67)
-            ("server2", "server1") + seed: 3, ("server2", "server1", "dealt", "int64", n): 1 + 2 * divided,
-            ("server2", "server1", "dealt", "uint8", n * compared): 1, ("server2", "server1", "answer", "int64", n): 1,
+            # server2: seeds of server0's shares of r, the bits of r, z and z times each hidden number (and r_q, h)
+            ("server2", "server0") + seed: 3 + hidden + 2 * divided,
+            # server2: the seed of server1's share of r; its shares of r's bits (mod 67) (and of r_q, h); after the
+            # comparison, its shares of z and of z times each hidden number, in one tensor
+            ("server2", "server1") + seed: 1, ("server2", "server1", "dealt", "uint8", n * compared): 1,
+            ("server2", "server1", "answer", "int64", n * (1 + hidden)): 1,
             # server0 and server1: their part of the comparison's numbers (mod 67) to server2
             ("server0", "server2", "value", "uint8", n * compared): 1,
             ("server1", "server2", "value", "uint8", n * compared): 1,
             # server0 to server1: the seeds of their common randomness (the flip, the numbers' masks, the
-            # rotation); both ways: the shares of c and d opened
+            # rotation); both ways: the shares of c opened
             ("server0", "server1") + seed: 3,
-            ("server0", "server1", "value", "int64", n): 2, ("server1", "server0", "value", "int64", n): 2})
+            ("server0", "server1", "value", "int64", n): 1, ("server1", "server0", "value", "int64", n): 1})
+        if divided:
+            sent[("server2", "server1", "dealt", "int64", n)] += 2
     for n in truncations:
         sent.update({("server2", "server0") + seed: 3,  # server0's shares of r, r_q and h
                      ("server2", "server1") + seed: 1, ("server2", "server1", "dealt", "int64", n): 2,
@@ -302,12 +306,12 @@ def expected_traffic(relus, truncations):
     return sent
 
 
-def test_what_server2_sends_each_seed_to_one_server_and_only_the_answer_to_both(protocol):
+def test_what_server2_sends_goes_to_one_server_only(protocol):
     """A walk of the traced graph: every tensor made on one server and used on another, with its type and size.
 
-    server2's seeds each go to one server; the shares it deals go to one server (server1: server0's grow
-    from seeds); only what it computes from what server0 and server1 sent it (the comparison's answer
-    e = z - a) goes to both. The whole traffic is the formula's, to the tensor."""
+    server2's seeds each go to one server; the shares it deals, before the comparison and after it (its
+    answer: shares of z and of z times what it knows of x), go to one server, server1: server0's grow from
+    seeds. Nothing server2 sends goes to both. The whole traffic is the formula's, to the tensor."""
     sizes = {"relu / scale": 50, "relu": 60, "truncate": 70}
 
     @tf.function
@@ -334,7 +338,7 @@ def test_what_server2_sends_each_seed_to_one_server_and_only_the_answer_to_both(
             assert len(destinations[name]) == 1, f"one seed grows masks on two servers: {what}"
         elif source == "server2":
             kind = "answer" if tensor.op.name in answers else "dealt"
-            assert kind == "answer" or len(destinations[name]) == 1, f"dealt material goes to both servers: {what}"
+            assert len(destinations[name]) == 1, f"server2 sends the same tensor to both servers: {what}"
         else:
             kind = "value"
         listed[(source, destination, kind, tensor.dtype.name, tensor.shape.num_elements())] += 1
@@ -346,6 +350,32 @@ def test_what_server2_sends_each_seed_to_one_server_and_only_the_answer_to_both(
     for (source, destination, _, dtype, elements), count in listed.items():
         in_bytes[(source, destination)] += count * elements * size[dtype]
     assert dict(in_bytes) == crossings(graph)
+
+
+def test_every_word_server2_sends_is_uniformly_random_whatever_the_values(protocol):
+    """What server2 sends server0 or server1 (its shares of r_q and h before the comparison; after it, its shares
+    of z and of z times what it knows of x) is masked by words grown from a seed that the receiver never gets:
+    uniformly random 64-bit words, even when every value is the same. A mutant that sends z and z * r
+    themselves (server0's shares zero) computes right and holds nothing the span check above can combine
+    into a secret, yet tells server1 each value's sign: here its words are 0 or 1, or 0 half the time."""
+    values = np.repeat(np.array([-5 * SCALE, 5 * SCALE]), 3000)
+
+    @tf.function
+    def compute():
+        the_three(protocol, values)
+        sent = {}
+        for op in tf.compat.v1.get_default_graph().get_operations():
+            for tensor in op.inputs:
+                if party(tensor.op.device) == "server2" and party(op.device) in SERVERS and tensor.dtype == tf.int64:
+                    sent[tensor.name] = tensor
+        return sent
+
+    sent = compute()
+    assert len(sent) >= 3, sorted(sent)  # r_q and h, and the answers of the two ReLUs
+    for name, tensor in sent.items():
+        top_bytes = (words(tensor.numpy().ravel()) >> np.uint64(56)).astype(np.int64)
+        counts = np.bincount(top_bytes, minlength=256)
+        assert chi_square(counts) < 400, f"{name}: its words' top bytes are not uniform (255 degrees of freedom)"
 
 
 # --- Small random numbers, several from one draw ------------------------------------------------------

@@ -3,16 +3,20 @@
 SecureNN's ReLU, as tf-encrypted 0.9.1 implements it, compares all 64 bits of every value and
 takes two multiplications after its comparison. The values in our network are proven to stay
 below 2^k in magnitude (value_range.py), so only their k lowest bits carry information, and the
-helper server (server2) can prepare the final multiplication in advance. What each server sees:
+helper server (server2), which ends the comparison, also ends the multiplication after it. What each
+server sees:
 
 * server0 and server1 open ``c = x + 2^k + r`` for a random ``r`` that server2 dealt: ``c`` is
   uniformly random to them, whatever ``x`` is;
-* server2 receives, for each value, k numbers (k - t after a product, below) modulo a small prime that are either all non-zero
-  or have exactly one zero, multiplied by random non-zero numbers, re-randomised and rotated by a
-  random amount that only server0 and server1 know; whether a zero is there is XORed with a random
-  bit that only server0 and server1 know. It learns nothing about ``x``;
-* server2 answers with ``e = z - a`` for its own uniformly random ``a``: random to server0 and
-  server1, who each hold only one share of ``a``.
+* server2 receives, for each value, k numbers (k - t after a product, below) modulo a small prime
+  that are either all non-zero or have exactly one zero, multiplied by random non-zero numbers,
+  re-randomised and rotated by a random amount that only server0 and server1 know; whether a zero is
+  there is XORed with a random bit that only server0 and server1 know. It learns nothing about ``x``;
+* server2 answers server1 alone with its shares of ``z`` (the comparison's bit, below) and of ``z``
+  times ``r``: words that grow, for server0, from a seed server2 gave it, so they are uniformly random
+  to server1. Since ``x = (c - 2^k) - r`` with ``c`` public to server0 and server1, each of them
+  computes its share of ``z * x = (c - 2^k) * z - z * r`` on its own: no multiplication triple, no
+  opening. (With a divisor, ``z`` times ``r_q`` and ``h``, the hidden parts of the truncated value.)
 
 Since ``x + 2^k`` lies in [0, 2^(k+1)), ``x >= 0`` exactly when its bit k is 1. That bit is
 bit k of ``c - r``: bit k of ``c``, XOR bit k of ``r``, XOR the borrow out of the lower k bits,
@@ -39,7 +43,8 @@ from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 from ._tf import tf
 from .masking import WORDS, open_masked, small_uniform
 from .masking import uniform as _uniform
-from .truncation import deal_wrap_material, offset, quotient_share, seeded_wrap_shares, word
+from .truncation import (deal_wrap_material, offset, quotient_parts, quotient_share, seeded_wrap_shares, word,
+                         wrap_material)
 
 PRIME = 67  # larger than k + 2 for every k up to 63: a sum of k + 1 bits never wraps to zero
 # With k = 63, x + 2^63 takes every 64-bit word once as x does: the comparison is right for every word.
@@ -151,33 +156,39 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
     shape = tuple(x.shape.as_list())
     servers = (protocol.server_0.device_name, protocol.server_1.device_name)
     helper = protocol.server_2.device_name
+    # What the ReLU lets through where x >= 0, y, is public - (the sum of coefficient * hidden) for a public
+    # number that server0 and server1 both compute from c, and hidden numbers that server2 dealt (the
+    # module's docstring): x = (c - 2^k) - r; floor(x / divisor) + e = (c_q - L / D) - r_q + lambda * h;
+    # a step, public alone. server2 then deals z times each hidden number.
+    hidden = () if step else ("r",) if shift is None else ("r_q", "h")
     with tf.name_scope("bounded-relu"):
-        # server2 deals: a random r, the low bits of r shared modulo PRIME, and the multiplication
-        # material (a, b, a*b) that finishes the ReLU. Most shares grow from seeds on the server that
-        # holds them; a seed never serves two purposes (equal seeds give equal random numbers).
+        # server2 deals: a random r and the low bits of r shared modulo PRIME (and r_q, h to truncate); after
+        # the comparison, shares of z and of z times each hidden number. server0's shares grow from seeds,
+        # on server0 and on server2; a seed never serves two purposes (equal seeds give equal random numbers).
+        products = tuple(f"z*{name}" for name in hidden)
         with tf.device(helper):
-            seeds = [{name: secure_random.secure_seed() for name in names}
-                     for names in (("r", "a", "b", "bits", "ab", "quotient", "wrap"), ("r", "a", "b"))]
-            drawn = [{name: _uniform(shape, seeds[i][name], *WORDS) for name in ("r", "a", "b")} for i in range(2)]
-            r = drawn[0]["r"] + drawn[1]["r"]
-            a = drawn[0]["a"] + drawn[1]["a"]
+            seeds = [{name: secure_random.secure_seed()
+                      for name in ("r", "bits", "z") + products + (("quotient", "wrap") if shift else ())},
+                     {"r": secure_random.secure_seed()}]
+            r = sum(_uniform(shape, seeds[i]["r"], *WORDS) for i in range(2))
             bits0 = small_uniform(shape + (compared,), seeds[0]["bits"], PRIME)  # server0's, grown there too
             bits1 = _compiled_bits_share(tf.bitwise.right_shift(r, skipped), bits0, compared)
-            ab1 = a * (drawn[0]["b"] + drawn[1]["b"]) - _uniform(shape, seeds[0]["ab"], *WORDS)
             r_top = _bit(r, k)
+            known = {"r": r}
             if shift is not None:
-                wrap1 = deal_wrap_material(r, divisor, seeds[0], shape)
+                known["r_q"], known["h"] = wrap_material(r, divisor)
+                wrap1 = deal_wrap_material(r, divisor, seeds[0], shape, (known["r_q"], known["h"]))
         dealt = []
         for i, device in enumerate(servers):
             with tf.device(device):
-                held = {name: _uniform(shape, seeds[i][name], *WORDS) for name in ("r", "a", "b")}
+                held = {"r": _uniform(shape, seeds[i]["r"], *WORDS)}
                 if i == 0:
-                    held["ab"] = _uniform(shape, seeds[0]["ab"], *WORDS)
                     held["bits"] = small_uniform(shape + (compared,), seeds[0]["bits"], PRIME)
+                    held.update({name: _uniform(shape, seeds[0][name], *WORDS) for name in ("z",) + products})
                     if shift is not None:
                         held["wrap"] = seeded_wrap_shares(seeds[0], shape)
                 else:
-                    held["ab"], held["bits"] = tf.identity(ab1), tf.cast(bits1, tf.int32)
+                    held["bits"] = tf.cast(bits1, tf.int32)
                     if shift is not None:
                         held["wrap"] = tuple(tf.identity(share) for share in wrap1)
                 dealt.append(held)
@@ -185,22 +196,15 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
         with tf.device(servers[0]):
             common = {name: secure_random.secure_seed() for name in ("beta", "masks", "rotation")}
         x_shares = [s.value for s in x.unwrapped]
-        opened_c, y_shares, opened_d = [], [], []
+        opened_c = []
         for i, device in enumerate(servers):
             with tf.device(device):
                 opened_c.append(x_shares[i] + dealt[i]["r"] + (word(2**k, tf.int64) if i == 0 else 0))
-        answers, flips = [], []
+        answers, flips, c_opened = [], [], []
         for i, device in enumerate(servers):
             with tf.device(device):
                 c = open_masked(protocol, *opened_c)
-                # x / divisor, x itself, or the step: what the ReLU lets through where x >= 0.
-                if step:
-                    y_shares.append(tf.fill(tf.shape(x_shares[i]), word(step if i == 0 else 0, tf.int64)))
-                elif shift is None:
-                    y_shares.append(x_shares[i])
-                else:
-                    y_shares.append(quotient_share(i, c + (shift - 2**k), shift, divisor, *dealt[i]["wrap"]))
-                opened_d.append(y_shares[i] - dealt[i]["b"])
+                c_opened.append(c)
                 beta = _uniform(shape, common["beta"], 0, 2, tf.int32)
                 masks = small_uniform(shape + (compared,), common["masks"], (PRIME - 1) * PRIME)
                 rotation = _uniform(shape, common["rotation"], 0, compared, tf.int32)
@@ -209,13 +213,29 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
                 flips.append(tf.bitwise.bitwise_xor(_bit(c, k), tf.cast(beta, tf.int64)))
         with tf.device(helper):
             numbers = _compiled_mod_prime(open_masked(protocol, *answers))
-            e = tf.bitwise.bitwise_xor(_zero_anywhere(numbers), r_top) - a
+            z = tf.bitwise.bitwise_xor(_zero_anywhere(numbers), r_top)
+            # server1's shares of z and of z times each hidden number: what server2 knows, less server0's.
+            grown = [_uniform(shape, seeds[0][name], *WORDS) for name in ("z",) + products]
+            wholes = [z] + [z * known[name] for name in hidden]
+            answer = tf.stack([whole - share for whole, share in zip(wholes, grown)])
         out = []
         for i, device in enumerate(servers):
             with tf.device(device):
-                d = open_masked(protocol, *opened_d)
-                zx = e * dealt[i]["b"] + d * dealt[i]["a"] + dealt[i]["ab"] + (e * d if i == 0 else 0)
-                out.append(protocol.tensor_factory.tensor(tf.where(tf.equal(flips[i], 1), y_shares[i] - zx, zx)))
+                z_shares = [dealt[0][name] for name in ("z",) + products] if i == 0 else tf.unstack(tf.identity(answer))
+                c = c_opened[i]
+                if step:
+                    public, coefficients = word(step, tf.int64), ()
+                    y_share = tf.fill(tf.shape(x_shares[i]), word(step if i == 0 else 0, tf.int64))
+                elif shift is None:
+                    public, coefficients = c - word(2**k, tf.int64), (1,)
+                    y_share = x_shares[i]
+                else:
+                    public, below_half = quotient_parts(c + (shift - 2**k), shift, divisor)
+                    coefficients = (1, -below_half)
+                    y_share = quotient_share(i, c + (shift - 2**k), shift, divisor, *dealt[i]["wrap"])
+                # z * y = public * z - the sum of coefficient * (z times a hidden number): no opening needed.
+                zy = public * z_shares[0] - sum(factor * share for factor, share in zip(coefficients, z_shares[1:]))
+                out.append(protocol.tensor_factory.tensor(tf.where(tf.equal(flips[i], 1), y_share - zy, zy)))
     return PondPrivateTensor(protocol, out[0], out[1], x.is_scaled)
 
 

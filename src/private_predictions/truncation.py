@@ -62,13 +62,18 @@ def wrap_material(r, divisor: int):
     return _unsigned_quotient(r, divisor), tf.cast(r < 0, r.dtype) * delta  # r < 0: r >= 2^(bits-1) unsigned
 
 
+def quotient_parts(c, offset_: int, divisor: int):
+    """What the opened c = x + offset + r tells both servers: floor(x / divisor) + e = public - r_q + lambda * h,
+    with ``public`` = c_q - offset / divisor and ``lambda`` = [c < 2^(bits-1)], c read unsigned."""
+    public = _unsigned_quotient(c, divisor) - word(offset_ // divisor, c.dtype)
+    return public, tf.cast(c >= 0, c.dtype)
+
+
 def quotient_share(party: int, c, offset_: int, divisor: int, quotient_share_, wrap_share):
     """One server's share of floor(x / divisor) + e, from the opened c = x + offset + r."""
-    below_half = tf.cast(c >= 0, c.dtype)  # c < 2^(bits-1) read unsigned
+    public, below_half = quotient_parts(c, offset_, divisor)
     share = below_half * wrap_share - quotient_share_
-    if party == 0:
-        share = share + _unsigned_quotient(c, divisor) - word(offset_ // divisor, c.dtype)
-    return share
+    return share + public if party == 0 else share
 
 
 def seeded_wrap_shares(seeds, shape):
@@ -76,9 +81,11 @@ def seeded_wrap_shares(seeds, shape):
     return uniform(shape, seeds["quotient"], *WORDS), uniform(shape, seeds["wrap"], *WORDS)
 
 
-def deal_wrap_material(r, divisor: int, seeds, shape):
-    """On server2: server1's shares of r_q and h, the rest of what :func:`seeded_wrap_shares` grows."""
-    return tuple(whole - share for whole, share in zip(wrap_material(r, divisor), seeded_wrap_shares(seeds, shape)))
+def deal_wrap_material(r, divisor: int, seeds, shape, material=None):
+    """On server2: server1's shares of r_q and h (``material``, if server2 computed them already), the rest of
+    what :func:`seeded_wrap_shares` grows."""
+    material = wrap_material(r, divisor) if material is None else material
+    return tuple(whole - share for whole, share in zip(material, seeded_wrap_shares(seeds, shape)))
 
 
 def truncate(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int) -> PondPrivateTensor:
