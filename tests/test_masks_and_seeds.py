@@ -13,7 +13,7 @@ computed from it:
   for server0 and server1's common randomness, on those two only), and no opened word comes out twice,
   within a run, across a batch of equal values, or across two runs;
 * what crosses between the servers, read off the traced graph: each of server2's seeds goes to one server,
-  nothing goes to both, with the types and sizes of a formula.
+  nothing server2 sends goes to both, with the types and sizes of a formula.
 """
 from collections import Counter
 from types import SimpleNamespace
@@ -31,6 +31,7 @@ from private_predictions import connect, load_logits_model, load_mnist, share_mo
 from private_predictions._tf import tf
 from private_predictions.protocol import FIXED_POINT
 from private_predictions.relu import relu
+from private_predictions.packing import words_for
 from private_predictions.traffic import crossings, graphs, party
 from private_predictions.truncation import truncate
 
@@ -249,12 +250,12 @@ def test_no_seed_is_used_twice_and_no_opened_word_comes_out_twice(protocol, monk
     opened = {}  # each distinct 64-bit value opened, and where
     for run in runs:
         for (where, _), value in zip(recorder.opened, run["opened"]):
-            if value.dtype == tf.int64:  # server2's comparison numbers are modulo 67
-                opened.setdefault(value.numpy().tobytes(), []).append(where)
+            assert value.dtype == tf.int64, "open_masked opens 64-bit words only"
+            opened.setdefault(value.numpy().tobytes(), []).append(where)
     assert all(sorted(places) == list(SERVERS) for places in opened.values()), \
         "a value opened other than once by each of server0 and server1"
     # Each run opens calls / 2 values (c in a ReLU, c in a truncation), each by both servers: 3 at least.
-    calls = sum(value.dtype == tf.int64 for _, value in recorder.opened)
+    calls = len(recorder.opened)
     assert len(opened) == calls >= 2 * (1 + 1 + 1), (len(opened), calls)
     words_opened = np.concatenate([np.frombuffer(value, np.uint64) for value in opened])
     assert len(np.unique(words_opened)) == len(words_opened), \
@@ -282,17 +283,18 @@ def expected_traffic(relus, truncations):
     for n, k, divided in relus:
         # A ReLU that divides compares bits k ... t of k + 1 (2^t the largest power of 2 up to SCALE); else k bits.
         compared = k + 1 - (SCALE.bit_length() - 1) if divided else k
+        words = words_for(compared, relu_module.prime_for(compared))  # its numbers, packed
         hidden = 2 if divided else 1  # what server2 knows of what the ReLU lets through: r_q and h, or r
         sent.update({
             # server2: seeds of server0's shares of r, the bits of r, z and z times each hidden number (and r_q, h)
             ("server2", "server0") + seed: 3 + hidden + 2 * divided,
-            # server2: the seed of server1's share of r; its shares of r's bits (mod 67) (and of r_q, h); after the
-            # comparison, its shares of z and of z times each hidden number, in one tensor
-            ("server2", "server1") + seed: 1, ("server2", "server1", "dealt", "uint8", n * compared): 1,
+            # server2: the seed of server1's share of r; its shares of r's bits (mod p, packed) (and of r_q, h);
+            # after the comparison, its shares of z and of z times each hidden number, in one tensor
+            ("server2", "server1") + seed: 1, ("server2", "server1", "dealt", "int32", n * words): 1,
             ("server2", "server1", "answer", "int64", n * (1 + hidden)): 1,
-            # server0 and server1: their part of the comparison's numbers (mod 67) to server2
-            ("server0", "server2", "value", "uint8", n * compared): 1,
-            ("server1", "server2", "value", "uint8", n * compared): 1,
+            # server0 and server1: their part of the comparison's numbers (mod p, packed) to server2
+            ("server0", "server2", "value", "int32", n * words): 1,
+            ("server1", "server2", "value", "int32", n * words): 1,
             # server0 to server1: the seeds of their common randomness (the flip, the numbers' masks, the
             # rotation); both ways: the shares of c opened
             ("server0", "server1") + seed: 3,
@@ -310,8 +312,8 @@ def test_what_server2_sends_goes_to_one_server_only(protocol):
     """A walk of the traced graph: every tensor made on one server and used on another, with its type and size.
 
     server2's seeds each go to one server; the shares it deals, before the comparison and after it (its
-    answer: shares of z and of z times what it knows of x), go to one server, server1: server0's grow from
-    seeds. Nothing server2 sends goes to both. The whole traffic is the formula's, to the tensor."""
+    answer: server1's shares of z and of z times the mask's parts), go to one server, server1: server0's
+    grow from seeds. Nothing server2 sends goes to both. The whole traffic is the formula's, to the tensor."""
     sizes = {"relu / scale": 50, "relu": 60, "truncate": 70}
 
     @tf.function
@@ -352,30 +354,50 @@ def test_what_server2_sends_goes_to_one_server_only(protocol):
     assert dict(in_bytes) == crossings(graph)
 
 
-def test_every_word_server2_sends_is_uniformly_random_whatever_the_values(protocol):
-    """What server2 sends server0 or server1 (its shares of r_q and h before the comparison; after it, its shares
-    of z and of z times what it knows of x) is masked by words grown from a seed that the receiver never gets:
-    uniformly random 64-bit words, even when every value is the same. A mutant that sends z and z * r
-    themselves (server0's shares zero) computes right and holds nothing the span check above can combine
-    into a secret, yet tells server1 each value's sign: here its words are 0 or 1, or 0 half the time."""
+def test_every_64_bit_word_server2_sends_is_uniformly_random_whatever_the_values(protocol):
+    """The 64-bit words server2 sends server1 (server1's shares of r_q and h before the comparison; after it,
+    server1's shares of z and of z times the mask's parts: r, or r_q and h, or nothing for a step) are each
+    the whole less server0's share, which grows from a seed of its own: uniformly random words, even when
+    every value is the same, and so are the sums and differences of the rows of one answer. A mutant that
+    sends z and z * r themselves (server0's shares zero) computes right and holds nothing the span check
+    above can combine into a secret, yet tells server1 each value's sign: its words are 0 or 1, or 0 half
+    the time. One mask used for both rows of an answer would show in their difference, z (1 - r)."""
     values = np.repeat(np.array([-5 * SCALE, 5 * SCALE]), 3000)
+
+    receivers = set()
 
     @tf.function
     def compute():
         the_three(protocol, values)
+        relu(protocol, shared(protocol, values), K, step=2**16)
         sent = {}
         for op in tf.compat.v1.get_default_graph().get_operations():
             for tensor in op.inputs:
                 if party(tensor.op.device) == "server2" and party(op.device) in SERVERS and tensor.dtype == tf.int64:
                     sent[tensor.name] = tensor
+                    receivers.add(party(op.device))
         return sent
 
     sent = compute()
-    assert len(sent) >= 3, sorted(sent)  # r_q and h, and the answers of the two ReLUs
+    assert receivers == {"server1"}, receivers  # server0's shares all grow from seeds
+    shapes = Counter(tuple(tensor.shape) for tensor in sent.values())
+    # r_q and h of the ReLU with a divisor and of the truncation; the answers of the ReLUs with a divisor,
+    # without one, and with a step
+    assert shapes == {values.shape: 4, (3,) + values.shape: 1, (2,) + values.shape: 1, (1,) + values.shape: 1}, shapes
+
+    def uniform_top_bytes(words, what):
+        counts = np.bincount((words.view(np.uint64) >> np.uint64(56)).astype(np.int64), minlength=256)
+        assert chi_square(counts) < 400, f"{what}: the words' top bytes are not uniform (255 degrees of freedom)"
+
     for name, tensor in sent.items():
-        top_bytes = (words(tensor.numpy().ravel()) >> np.uint64(56)).astype(np.int64)
-        counts = np.bincount(top_bytes, minlength=256)
-        assert chi_square(counts) < 400, f"{name}: its words' top bytes are not uniform (255 degrees of freedom)"
+        rows = tensor.numpy().reshape(-1, values.size)
+        for row in rows:
+            uniform_top_bytes(row, name)
+        with np.errstate(over="ignore"):
+            for first in range(len(rows)):
+                for second in range(first + 1, len(rows)):
+                    uniform_top_bytes(rows[first] - rows[second], f"{name}: the difference of rows {first}, {second}")
+                    uniform_top_bytes(rows[first] + rows[second], f"{name}: the sum of rows {first}, {second}")
 
 
 # --- Small random numbers, several from one draw ------------------------------------------------------
@@ -385,8 +407,12 @@ def chi_square(counts) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
-@pytest.mark.parametrize("base", [relu_module.PRIME, (relu_module.PRIME - 1) * relu_module.PRIME])
-def test_small_numbers_drawn_as_digits_are_uniform_independent_and_the_same_from_the_same_seed(protocol, base):
+# The moduli of the comparisons: the clip's 16 bits, the network's 28, a ReLU's 42 without a divisor, the whole ring.
+PRIMES = [relu_module.prime_for(bits) for bits in (16, 28, 42, 63)]
+
+
+@pytest.mark.parametrize("prime, base", [(p, base) for p in PRIMES for base in (p, (p - 1) * p)])
+def test_small_numbers_drawn_as_digits_are_uniform_independent_and_the_same_from_the_same_seed(protocol, prime, base):
     """masking.small_uniform takes several numbers from each draw: each must be uniform in [0, base), the
     numbers of one draw independent of each other, and two servers with one seed must grow the same ones."""
     rows = 100_000
@@ -403,11 +429,12 @@ def test_small_numbers_drawn_as_digits_are_uniform_independent_and_the_same_from
     mine, theirs = (value.numpy() for value in draw())
     np.testing.assert_array_equal(mine, theirs)
     assert mine.min() >= 0 and mine.max() < base
-    bins = min(base, 67)  # numbers below 4,422 are counted in 67 bins of 66 numbers each
+    bins = prime  # numbers below (p - 1) p are counted in p bins of p - 1 numbers each
     binned = mine * bins // base
     for column in range(3):  # each uniform: a chi-square of bins - 1 degrees of freedom, within 6 of its sds
         counts = np.bincount(binned[:, column], minlength=bins)
         assert chi_square(counts) < (bins - 1) + 6 * np.sqrt(2 * (bins - 1)), column
-    # Numbers 0 and 1 come from the same draw (2 per draw for 4,422, 5 for 67): jointly uniform, so independent.
+    # Numbers 0 and 1 come from the same draw (at least 2 per draw: 3 for 930, 6 for 31): jointly uniform, so
+    # independent.
     joint = np.bincount(binned[:, 0] * bins + binned[:, 1], minlength=bins * bins)
     assert chi_square(joint) < (bins * bins - 1) + 6 * np.sqrt(2 * (bins * bins - 1))

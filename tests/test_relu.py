@@ -6,7 +6,7 @@ import private_predictions.relu as relu_module
 from conftest import shared
 from private_predictions import connect
 from private_predictions._tf import tf
-from private_predictions.relu import PRIME, WHOLE_RING, clip, relu
+from private_predictions.relu import WHOLE_RING, clip, prime_for, relu
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +93,20 @@ def test_what_server2_sees_does_not_depend_on_the_value(protocol, monkeypatch, v
     assert ((numbers == 0).sum(axis=1) <= 1).all()
     places = np.bincount(np.argmax(numbers[has_zero] == 0, axis=1), minlength=k)
     assert places.max() < 1.4 * places.mean()
-    # ... and every other number uniformly random among 1 ... PRIME - 1 (random multipliers).
-    others = numbers[numbers != 0]
-    assert abs(others.mean() - PRIME / 2) < 1.0 and others.min() >= 1 and others.max() == PRIME - 1
+    # ... and every other number uniformly random among 1 ... p - 1 (random multipliers).
+    others, prime = numbers[numbers != 0], prime_for(k)
+    assert abs(others.mean() - prime / 2) < 0.5 and others.min() >= 1 and others.max() == prime - 1
+
+
+def test_each_comparison_takes_the_smallest_prime_its_numbers_allow():
+    """A comparison of k bits makes numbers from 0 to k + 1 (relu._compare_share): its modulus must be a prime
+    above k + 1, so that no number but 0 is a multiple of it, and the smallest, so that packing.py puts the
+    most numbers in a word. The exhaustive test below runs k = 1 ... 6 only; this holds for every k."""
+    is_prime = lambda n: n > 1 and all(n % d for d in range(2, n))
+    for k in range(1, WHOLE_RING + 1):
+        prime = prime_for(k)
+        assert is_prime(prime) and prime >= k + 2 and not any(is_prime(q) for q in range(k + 2, prime)), k
+    assert (prime_for(16), prime_for(28)) == (19, 31)  # the clip's and the network's, as the docs say
 
 
 @pytest.mark.parametrize("bound_bits", [0, 64])
@@ -146,8 +157,9 @@ def test_what_server2_sees_has_one_distribution_for_every_value_exhaustively_at_
     server2's view of one value is r (it dealt r, and the split of r's bits) and the k numbers it
     rebuilds from the two servers' answers. Enumerated: beta, the rotation, every x in [-2^k, 2^k)
     and every r mod 2^(k+1) (its higher bits drawn: nobody sees them). For each case the common
-    multiplier runs over all of 1 ... PRIME-1, with the bits' split and the offsets drawn afresh
-    each time; every entry must be 0 for every multiplier, or take each of 1 ... PRIME-1 once.
+    multiplier runs over all of 1 ... p-1 (p = prime_for(k), the smallest prime the comparison
+    can use: a larger p only spreads the non-zero numbers wider), with the bits' split and the offsets drawn afresh
+    each time; every entry must be 0 for every multiplier, or take each of 1 ... p-1 once.
     As the multipliers of relu() are drawn independently and uniformly for each entry, server2's
     numbers are then exactly: zeros where the pattern says, independent uniform non-zero numbers
     elsewhere. Patterns have at most one zero, so the view's distribution for (x, r) is exactly the
@@ -166,23 +178,24 @@ def test_what_server2_sees_has_one_distribution_for_every_value_exhaustively_at_
         r = r_low + generator.integers(-2**(62 - k), 2**(62 - k), n) * 2**(k + 1)  # any higher bits
         c = x + 2**k + r  # wraps modulo 2^64, as on the servers
         r_bits = relu_module._low_bits(tf.constant(r), k).numpy()
+        prime = prime_for(k)  # the smallest prime above k + 1: 3, 5, 5, 7, 7, 11, as tight as it gets
         fixed = [tf.constant(beta, tf.int32), tf.constant(rotation, tf.int32)]
 
         def rebuilt(multiplier):
             """The k numbers server2 rebuilds in every case, with ``multiplier`` for every entry."""
-            bits0 = generator.integers(0, PRIME, (n, k), dtype=np.int32)
-            bits1 = (r_bits - bits0) % PRIME
-            offsets = tf.constant(generator.integers(0, PRIME, (n, k), dtype=np.int32))
+            bits0 = generator.integers(0, prime, (n, k), dtype=np.int32)
+            bits1 = (r_bits - bits0) % prime
+            offsets = tf.constant(generator.integers(0, prime, (n, k), dtype=np.int32))
             multipliers = tf.fill((n, k), multiplier)
             answers = [relu_module._compare_share(party, tf.constant(bits), tf.constant(c), k, fixed[0],
                                                   multipliers, offsets, fixed[1]).numpy().astype(np.int32)
                        for party, bits in ((0, bits0), (1, bits1))]
-            return (answers[0] + answers[1]) % PRIME
+            return (answers[0] + answers[1]) % prime
 
         numbers = rebuilt(1)
         zero = numbers == 0
-        seen = np.zeros((n * k, PRIME), bool)
-        for multiplier in range(1, PRIME):
+        seen = np.zeros((n * k, prime), bool)
+        for multiplier in range(1, prime):
             seen[np.arange(n * k), (numbers if multiplier == 1 else rebuilt(multiplier)).ravel()] = True
         assert (seen[:, 0] == zero.ravel()).all() and (seen[:, 1:] == ~zero.ravel()[:, None]).all(), k
         del seen

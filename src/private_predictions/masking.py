@@ -1,4 +1,4 @@
-"""Random masks the servers draw from seeds, and the one way a masked value is opened.
+"""Random masks the servers draw from seeds, and the one way a masked 64-bit value is opened.
 
 Every value that server0 and server1 open (rebuild from its two shares) is a secret plus a
 uniformly random mask that neither of them knows alone: the opened value is then uniformly
@@ -9,6 +9,7 @@ two servers must agree on costs a seed, not a message: equal seeds give equal ra
 from tf_encrypted.operations import secure_random
 
 from ._tf import tf
+from .packing import per_word, unpack, words_for
 
 WORDS = (-2**63, 2**63 - 1)  # uniform 64-bit words, as tf-encrypted samples them
 
@@ -24,27 +25,18 @@ def small_uniform(shape, seed, base: int):
     A draw uniform in [0, base^n) is n digits in base ``base``, independent and uniform: exactly, because
     the draw rejects the words beyond the largest multiple of its range instead of reducing them modulo it
     (a reduction would make the low top digits more likely). One draw costs about what a draw of one
-    number does, so this takes 5 numbers modulo 67 from each instead of one. The last axis is cut into
-    groups of n (the last group's unused digits are dropped).
+    number does, so this takes several numbers from each instead of one (6 modulo 31). The last axis is cut
+    into groups of n (the last group's unused digits are dropped).
     """
-    per = 1
-    while base ** (per + 1) < 2**31:  # the draws are 32-bit words
-        per += 1
     *outer, last = shape
-    draws = uniform(tuple(outer) + (-(-last // per),), seed, 0, base ** per, tf.int32)
-    return _compiled_digits(draws, base, per)[..., :last]
+    draws = uniform(tuple(outer) + (words_for(last, base),), seed, 0, base ** per_word(base), tf.int32)
+    return _compiled_unpack(draws, base, last)
 
 
-def _digits(draws, base: int, per: int):
-    """Each draw's ``per`` digits in base ``base``, least significant first, side by side on the last axis."""
-    powers = tf.constant([base ** j for j in range(per)], tf.int32)
-    digits = tf.math.floormod(tf.math.floordiv(draws[..., None], powers), base)
-    return tf.reshape(digits, draws.shape[:-1] + (draws.shape[-1] * per,))
-
-
-_compiled_digits = tf.function(_digits, jit_compile=True)  # XLA divides by constants without dividing
+_compiled_unpack = tf.function(unpack, jit_compile=True)  # XLA divides by constants without dividing
 
 
 def open_masked(protocol, share0, share1):
-    """A value rebuilt from its two shares: every value opened here is masked by fresh randomness."""
+    """A value rebuilt from its two shares: every value opened here is masked by fresh randomness. (server2's
+    numbers modulo a small prime are rebuilt where they are unpacked: relu._opened_numbers.)"""
     return protocol._reconstruct(share0, share1)

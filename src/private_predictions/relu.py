@@ -12,11 +12,13 @@ server sees:
   that are either all non-zero or have exactly one zero, multiplied by random non-zero numbers,
   re-randomised and rotated by a random amount that only server0 and server1 know; whether a zero is
   there is XORed with a random bit that only server0 and server1 know. It learns nothing about ``x``;
-* server2 answers server1 alone with its shares of ``z`` (the comparison's bit, below) and of ``z``
-  times ``r``: words that grow, for server0, from a seed server2 gave it, so they are uniformly random
-  to server1. Since ``x = (c - 2^k) - r`` with ``c`` public to server0 and server1, each of them
-  computes its share of ``z * x = (c - 2^k) * z - z * r`` on its own: no multiplication triple, no
-  opening. (With a divisor, ``z`` times ``r_q`` and ``h``, the hidden parts of the truncated value.)
+* server2 sends server1 alone server1's shares of ``z`` (the comparison's bit, below) and of ``z * r``:
+  each the whole less server0's share, which grows from a fresh seed of its own that server2 gave
+  server0 and nobody else, so they are uniformly random to server1. Since ``x = (c - 2^k) - r`` with
+  ``c`` public to server0 and server1, each of them computes its share of ``z * x = (c - 2^k) * z - z * r``
+  on its own: no multiplication triple, no opening. With a divisor, the truncated value is
+  ``P - r_q + lambda * h`` (truncation.py) and server2 sends shares of ``z``, ``z * r_q`` and ``z * h``;
+  with a step (a public number let through), of ``z`` alone.
 
 Since ``x + 2^k`` lies in [0, 2^(k+1)), ``x >= 0`` exactly when its bit k is 1. That bit is
 bit k of ``c - r``: bit k of ``c``, XOR bit k of ``r``, XOR the borrow out of the lower k bits,
@@ -43,10 +45,24 @@ from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 from ._tf import tf
 from .masking import WORDS, open_masked, small_uniform
 from .masking import uniform as _uniform
+from .packing import pack, unpack
 from .truncation import (deal_wrap_material, offset, quotient_parts, quotient_share, seeded_wrap_shares, word,
                          wrap_material)
 
-PRIME = 67  # larger than k + 2 for every k up to 63: a sum of k + 1 bits never wraps to zero
+
+def prime_for(compared: int) -> int:
+    """The modulus of a comparison of ``compared`` bits: the smallest prime above compared + 1.
+
+    Its numbers run from 0 to compared + 1 (0 to 2 for a bit, plus the number of higher bits that differ),
+    so no number but 0 is a multiple of it. The smaller the prime, the more numbers a 32-bit word carries
+    (packing.py): 31 for the network's 28 bits, 6 to a word; 19 for the clip's 16, 7 to a word.
+    """
+    prime = compared + 2
+    while any(prime % divisor == 0 for divisor in range(2, int(prime ** 0.5) + 1)):
+        prime += 1
+    return prime
+
+
 # With k = 63, x + 2^63 takes every 64-bit word once as x does: the comparison is right for every word.
 WHOLE_RING = 63
 
@@ -64,7 +80,7 @@ def _low_bits(values, k):
 def _sums_above(numbers, k):
     """For each of the k numbers in a row, the sum of those before it (an exclusive prefix sum).
 
-    As a product with a 0/1 matrix in float32: exact here (at most 62 numbers in [-66, 67], so every sum is
+    As a product with a 0/1 matrix in float32: exact here (at most 62 numbers in [-66, 66], so every sum is
     below 2^13 in magnitude, and float32 holds whole numbers exactly up to 2^24), and several times faster
     than TensorFlow's cumsum on rows this short.
     """
@@ -103,34 +119,39 @@ def _compare_share(party, bits, c, k, beta, multipliers, offsets, rotation):
     # If c mod 2^k is the largest k-bit number, "bits < c + 1" always holds: one zero, by construction.
     always = party * tf.concat([tf.zeros_like(low[..., :1]), tf.ones_like(low[..., 1:])], axis=-1)
     chosen = tf.where(tf.cast(beta, tf.bool)[..., None], tf.where(largest, always, when_one), when_zero)
-    masked = (multipliers * chosen + (offsets if party == 0 else -offsets)) % PRIME
+    masked = (multipliers * chosen + (offsets if party == 0 else -offsets)) % prime_for(k)
     positions = (tf.range(k, dtype=tf.int32) + rotation[..., None]) % k
-    return tf.cast(tf.gather(masked, positions, batch_dims=len(masked.shape) - 1), tf.uint8)
+    return tf.gather(masked, positions, batch_dims=len(masked.shape) - 1)
 
 
 def _answer(party, bits, c, k, beta, masks, rotation):
-    """:func:`_compare_share`, with each number's multiplier and offset read off one draw ``masks`` in
-    [0, (PRIME - 1) * PRIME): 1 + masks // PRIME and masks % PRIME are then independent and uniform
-    in 1 ... PRIME - 1 and 0 ... PRIME - 1, for one random number drawn instead of two."""
-    return _compare_share(party, bits, c, k, beta, 1 + masks // PRIME, masks % PRIME, rotation)
+    """:func:`_compare_share`, packed for server2 (packing.py), with each number's multiplier and offset read
+    off one draw ``masks`` in [0, (p - 1) * p), p = prime_for(k): 1 + masks // p and masks % p are then
+    independent and uniform in 1 ... p - 1 and 0 ... p - 1, for one random number drawn instead of two."""
+    prime = prime_for(k)
+    return pack(_compare_share(party, bits, c, k, beta, 1 + masks // prime, masks % prime, rotation), prime)
 
 
 def _bits_share(r, share0, k):
-    """server1's shares modulo PRIME of r's k low bits, given server0's: each bit minus server0's share."""
+    """server1's shares modulo p of r's k low bits, given server0's (each bit minus server0's share), packed."""
+    prime = prime_for(k)
     difference = _low_bits(r, k) - share0
-    return tf.cast(tf.where(difference < 0, difference + PRIME, difference), tf.uint8)  # > -PRIME
+    return pack(tf.where(difference < 0, difference + prime, difference), prime)  # > -prime
 
 
-def _mod_prime(opened):
-    """The sum of two numbers below PRIME (bytes: it fits in 8 bits), modulo PRIME."""
-    return tf.where(opened >= PRIME, opened - PRIME, opened)
+def _opened_numbers(answer0, answer1, k):
+    """server2's k numbers per value: the two servers' packed numbers, unpacked, added, modulo p."""
+    prime = prime_for(k)
+    opened = unpack(answer0, prime, k) + unpack(answer1, prime, k)  # server2's one opening: not a 64-bit word
+    return tf.where(opened >= prime, opened - prime, opened)  # a sum of two numbers below p
 
 
 # XLA compiles the comparison's thirty-odd steps on k numbers per value into a few passes over memory, on
 # the server that calls it: several times faster than running them one TensorFlow op at a time.
 _compiled_answer = tf.function(_answer, jit_compile=True)
-_compiled_mod_prime = tf.function(_mod_prime, jit_compile=True)  # on server2: one pass, no broadcasting
+_compiled_opened_numbers = tf.function(_opened_numbers, jit_compile=True)  # on server2: one pass
 _compiled_bits_share = tf.function(_bits_share, jit_compile=True)  # on server2, as it deals
+_compiled_unpack = tf.function(unpack, jit_compile=True)  # on server1, what server2 dealt it
 
 
 def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step: int = 0):
@@ -138,9 +159,11 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
 
     With ``divisor`` > 1 (a product at the double scale), the result is floor(x / divisor) + 0 or 1
     where x >= 0, read off the comparison's own opening, and 0 where x < 0, except that an x within
-    2^t of 0 (the largest 2^t <= divisor) may be let through too: -1 or 0. With ``bound_bits`` = WHOLE_RING (63) and no
-    divisor, x may be any 64-bit word, read as a signed number. With ``step``, the result is ``step``
-    where x >= 0 and 0 elsewhere (the same comparison, letting a public number through instead of x).
+    2^t of 0 (the largest 2^t <= divisor) may be let through too: -1 or 0. With ``bound_bits`` =
+    WHOLE_RING (63) and no divisor, x may be any 64-bit word, read as a signed number. With ``step``, the
+    result is ``step`` where x >= 0 and 0 elsewhere (the same comparison, letting a public number through
+    instead of x); each server's share of it is then ``step`` times a word, uniformly random among those
+    multiples (clip subtracts it from shares of 16 bits, which are no more uniform).
     """
     k = bound_bits
     if not 1 <= k <= WHOLE_RING:
@@ -152,17 +175,19 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
         k += 1  # headroom: only x in (-2^t, 0) can then be read as >= 0
         skipped = min(divisor.bit_length() - 1, k - 1)
     compared = k - skipped
+    prime = prime_for(compared)
     shift = offset(k, divisor) if divisor > 1 else None  # raises if 64-bit words cannot hold it
     shape = tuple(x.shape.as_list())
     servers = (protocol.server_0.device_name, protocol.server_1.device_name)
     helper = protocol.server_2.device_name
     # What the ReLU lets through where x >= 0, y, is public - (the sum of coefficient * hidden) for a public
     # number that server0 and server1 both compute from c, and hidden numbers that server2 dealt (the
-    # module's docstring): x = (c - 2^k) - r; floor(x / divisor) + e = (c_q - L / D) - r_q + lambda * h;
-    # a step, public alone. server2 then deals z times each hidden number.
+    # module's docstring): x = (c - 2^k) - r; floor(x / divisor) + e = (c'_q - L / D) - r_q + lambda * h,
+    # with c' = c + L - 2^k (truncation.quotient_parts); a step, public alone. After the comparison server2
+    # deals shares of z and of z times each hidden number.
     hidden = () if step else ("r",) if shift is None else ("r_q", "h")
     with tf.name_scope("bounded-relu"):
-        # server2 deals: a random r and the low bits of r shared modulo PRIME (and r_q, h to truncate); after
+        # server2 deals: a random r and the low bits of r shared modulo p (and r_q, h to truncate); after
         # the comparison, shares of z and of z times each hidden number. server0's shares grow from seeds,
         # on server0 and on server2; a seed never serves two purposes (equal seeds give equal random numbers).
         products = tuple(f"z*{name}" for name in hidden)
@@ -171,7 +196,7 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
                       for name in ("r", "bits", "z") + products + (("quotient", "wrap") if shift else ())},
                      {"r": secure_random.secure_seed()}]
             r = sum(_uniform(shape, seeds[i]["r"], *WORDS) for i in range(2))
-            bits0 = small_uniform(shape + (compared,), seeds[0]["bits"], PRIME)  # server0's, grown there too
+            bits0 = small_uniform(shape + (compared,), seeds[0]["bits"], prime)  # server0's, grown there too
             bits1 = _compiled_bits_share(tf.bitwise.right_shift(r, skipped), bits0, compared)
             r_top = _bit(r, k)
             known = {"r": r}
@@ -183,12 +208,12 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
             with tf.device(device):
                 held = {"r": _uniform(shape, seeds[i]["r"], *WORDS)}
                 if i == 0:
-                    held["bits"] = small_uniform(shape + (compared,), seeds[0]["bits"], PRIME)
+                    held["bits"] = small_uniform(shape + (compared,), seeds[0]["bits"], prime)
                     held.update({name: _uniform(shape, seeds[0][name], *WORDS) for name in ("z",) + products})
                     if shift is not None:
                         held["wrap"] = seeded_wrap_shares(seeds[0], shape)
                 else:
-                    held["bits"] = tf.cast(bits1, tf.int32)
+                    held["bits"] = _compiled_unpack(tf.identity(bits1), prime, compared)
                     if shift is not None:
                         held["wrap"] = tuple(tf.identity(share) for share in wrap1)
                 dealt.append(held)
@@ -206,13 +231,13 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
                 c = open_masked(protocol, *opened_c)
                 c_opened.append(c)
                 beta = _uniform(shape, common["beta"], 0, 2, tf.int32)
-                masks = small_uniform(shape + (compared,), common["masks"], (PRIME - 1) * PRIME)
+                masks = small_uniform(shape + (compared,), common["masks"], (prime - 1) * prime)
                 rotation = _uniform(shape, common["rotation"], 0, compared, tf.int32)
                 answers.append(_compiled_answer(i, dealt[i]["bits"], tf.bitwise.right_shift(c, skipped), compared,
                                                 beta, masks, rotation))
                 flips.append(tf.bitwise.bitwise_xor(_bit(c, k), tf.cast(beta, tf.int64)))
         with tf.device(helper):
-            numbers = _compiled_mod_prime(open_masked(protocol, *answers))
+            numbers = _compiled_opened_numbers(*[tf.identity(answer) for answer in answers], compared)
             z = tf.bitwise.bitwise_xor(_zero_anywhere(numbers), r_top)
             # server1's shares of z and of z times each hidden number: what server2 knows, less server0's.
             grown = [_uniform(shape, seeds[0][name], *WORDS) for name in ("z",) + products]
