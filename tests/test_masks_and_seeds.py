@@ -283,7 +283,7 @@ def expected_traffic(relus, truncations):
     for n, k, divided in relus:
         # A ReLU that divides compares bits k ... t of k + 1 (2^t the largest power of 2 up to SCALE); else k bits.
         compared = k + 1 - (SCALE.bit_length() - 1) if divided else k
-        words = words_for(compared, relu_module.prime_for(compared))  # its numbers, packed
+        words = words_for(compared, relu_module.prime_for(compared))  # its numbers, as bit fields
         hidden = 2 if divided else 1  # what server2 knows of what the ReLU lets through: r_q and h, or r
         sent.update({
             # server2: seeds of server0's shares of r, the bits of r, z and z times each hidden number (and r_q, h)

@@ -9,7 +9,7 @@ two servers must agree on costs a seed, not a message: equal seeds give equal ra
 from tf_encrypted.operations import secure_random
 
 from ._tf import tf
-from .packing import per_word, unpack, words_for
+from .packing import digits, digits_per_draw
 
 WORDS = (-2**63, 2**63 - 1)  # uniform 64-bit words, as tf-encrypted samples them
 
@@ -29,11 +29,12 @@ def small_uniform(shape, seed, base: int):
     into groups of n (the last group's unused digits are dropped).
     """
     *outer, last = shape
-    draws = uniform(tuple(outer) + (words_for(last, base),), seed, 0, base ** per_word(base), tf.int32)
-    return _compiled_unpack(draws, base, last)
+    per = digits_per_draw(base)
+    draws = uniform(tuple(outer) + (-(-last // per),), seed, 0, base ** per, tf.int32)
+    return _compiled_digits(draws, base, last)
 
 
-_compiled_unpack = tf.function(unpack, jit_compile=True)  # XLA divides by constants without dividing
+_compiled_digits = tf.function(digits, jit_compile=True)  # XLA divides by constants without dividing
 
 
 def open_masked(protocol, share0, share1):

@@ -1,41 +1,57 @@
-"""Numbers below a small base, several to a 32-bit word: n numbers below b are one number below b^n.
+"""Several small numbers in one 32-bit word, two ways.
 
-Two uses: a random draw below b^n is n independent, uniform numbers below b (masking.small_uniform),
-and n numbers below b sent as one word take 4 bytes instead of n (the comparison's numbers, relu.py).
+* On the wire, numbers below a limit are bit fields: numbers modulo 31 take 5 bits each, 6 to a word,
+  so a comparison's 28 numbers travel in 20 bytes instead of 28 (relu.py). Shifts and masks unpack them.
+* From a random draw, n numbers below b are the n digits in base b of a draw below b^n: independent and
+  uniform (masking.small_uniform). Digits need divisions, so the wire does not use them.
 """
 from ._tf import tf
 
 
-def per_word(base: int) -> int:
-    """How many numbers below ``base`` one int32 word holds: the largest n with base^n < 2^31."""
+def fields_per_word(limit: int) -> int:
+    """How many numbers below ``limit`` one 32-bit word holds as bit fields."""
+    return 32 // (limit - 1).bit_length()
+
+
+def words_for(count: int, limit: int) -> int:
+    """How many words ``count`` numbers below ``limit`` take as bit fields."""
+    return -(-count // fields_per_word(limit))
+
+
+def _shifts(limit: int):
+    width = (limit - 1).bit_length()
+    return tf.constant([width * j for j in range(fields_per_word(limit))], tf.int32)
+
+
+def pack(numbers, limit: int):
+    """The numbers on the last axis (each in [0, limit)) as int32 words of bit fields, the first in the lowest
+    bits; the last word is filled up with zeros."""
+    per = fields_per_word(limit)
+    *outer, count = numbers.shape.as_list()
+    words = words_for(count, limit)
+    padded = tf.pad(tf.cast(numbers, tf.int32), [[0, 0]] * len(outer) + [[0, words * per - count]])
+    fields = tf.bitwise.left_shift(tf.reshape(padded, outer + [words, per]), _shifts(limit))
+    return tf.reduce_sum(fields, axis=-1)  # the fields do not overlap: a sum is their bitwise or
+
+
+def unpack(words, limit: int, count: int):
+    """The first ``count`` numbers that :func:`pack` put into ``words``, side by side on the last axis, as int32."""
+    mask = 2 ** (limit - 1).bit_length() - 1
+    fields = tf.bitwise.bitwise_and(tf.bitwise.right_shift(words[..., None], _shifts(limit)), mask)
+    return tf.reshape(fields, words.shape[:-1] + (words.shape[-1] * fields_per_word(limit),))[..., :count]
+
+
+def digits_per_draw(base: int) -> int:
+    """How many digits in base ``base`` one draw below 2^31 holds: the largest n with base^n < 2^31."""
     n = 1
     while base ** (n + 1) < 2**31:
         n += 1
     return n
 
 
-def words_for(count: int, base: int) -> int:
-    """How many words ``count`` numbers below ``base`` take."""
-    return -(-count // per_word(base))
-
-
-def _powers(base: int):
-    return tf.constant([base ** j for j in range(per_word(base))], tf.int32)
-
-
-def pack(numbers, base: int):
-    """The numbers on the last axis (each in [0, base)) as int32 words, ``per_word(base)`` to a word, the first
-    least significant; the last word is filled up with zeros. Every word stays below base^n < 2^31."""
-    per = per_word(base)
-    *outer, count = numbers.shape.as_list()
-    words = words_for(count, base)
-    padded = tf.pad(tf.cast(numbers, tf.int32), [[0, 0]] * len(outer) + [[0, words * per - count]])
-    return tf.reduce_sum(tf.reshape(padded, outer + [words, per]) * _powers(base), axis=-1)
-
-
-def unpack(words, base: int, count: int):
-    """The first ``count`` numbers below ``base`` that :func:`pack` put into ``words`` (or that a draw below
-    base^n holds), side by side on the last axis, as int32."""
-    per = per_word(base)
-    digits = tf.math.floormod(tf.math.floordiv(words[..., None], _powers(base)), base)
-    return tf.reshape(digits, words.shape[:-1] + (words.shape[-1] * per,))[..., :count]
+def digits(draws, base: int, count: int):
+    """The first ``count`` digits in base ``base`` of ``draws`` (each below base^n, n = digits_per_draw(base)),
+    least significant first, side by side on the last axis, as int32."""
+    powers = tf.constant([base ** j for j in range(digits_per_draw(base))], tf.int32)
+    found = tf.math.floormod(tf.math.floordiv(draws[..., None], powers), base)
+    return tf.reshape(found, draws.shape[:-1] + (draws.shape[-1] * digits_per_draw(base),))[..., :count]

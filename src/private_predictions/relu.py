@@ -54,8 +54,8 @@ def prime_for(compared: int) -> int:
     """The modulus of a comparison of ``compared`` bits: the smallest prime above compared + 1.
 
     Its numbers run from 0 to compared + 1 (0 to 2 for a bit, plus the number of higher bits that differ),
-    so no number but 0 is a multiple of it. The smaller the prime, the more numbers a 32-bit word carries
-    (packing.py): 31 for the network's 28 bits, 6 to a word; 19 for the clip's 16, 7 to a word.
+    so no number but 0 is a multiple of it. The smaller the prime, the fewer bits each number takes on the
+    wire (packing.py): 31 for the network's 28 bits, 5 bits each, 6 to a 32-bit word; 19 for the clip's 16.
     """
     prime = compared + 2
     while any(prime % divisor == 0 for divisor in range(2, int(prime ** 0.5) + 1)):
