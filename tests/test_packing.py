@@ -10,12 +10,12 @@ from private_predictions.packing import digits, digits_per_draw, fields_per_word
 def test_numbers_packed_as_bit_fields_come_back_from_words_that_hold_as_many_as_fit(limit):
     count = 29  # not a multiple of any fields_per_word: the last word is partly filled
     numbers = np.random.default_rng(limit).integers(0, limit, (50, 2, count))
-    numbers[0], numbers[1] = limit - 1, 0  # every bit of every field set (16: the sign bit too), and none
+    numbers[0], numbers[1] = limit - 1, 0  # every bit of every field set, and none
     words = pack(tf.constant(numbers, tf.int32), limit).numpy()
-    assert words.dtype == np.int32 and words.shape == (50, 2, words_for(count, limit))
+    assert words.dtype == np.int32 and words.shape == (50, 2, words_for(count, limit)) and (words >= 0).all()
     np.testing.assert_array_equal(unpack(tf.constant(words), limit, count).numpy(), numbers)
     width = (limit - 1).bit_length()
-    assert fields_per_word(limit) * width <= 32 < (fields_per_word(limit) + 1) * width  # as many as fit
+    assert fields_per_word(limit) * width <= 31 < (fields_per_word(limit) + 1) * width  # as many as fit
 
 
 @pytest.mark.parametrize("base", [19, 31, 930, 4422])

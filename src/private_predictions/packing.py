@@ -2,15 +2,18 @@
 
 * On the wire, numbers below a limit are bit fields: numbers modulo 31 take 5 bits each, 6 to a word,
   so a comparison's 28 numbers travel in 20 bytes instead of 28 (relu.py). Shifts and masks unpack them.
+  Words stay below 2^31, non-negative as int32.
 * From a random draw, n numbers below b are the n digits in base b of a draw below b^n: independent and
   uniform (masking.small_uniform). Digits need divisions, so the wire does not use them.
 """
+import numpy as np
+
 from ._tf import tf
 
 
 def fields_per_word(limit: int) -> int:
-    """How many numbers below ``limit`` one 32-bit word holds as bit fields."""
-    return 32 // (limit - 1).bit_length()
+    """How many numbers below ``limit`` one word holds as bit fields, within its 31 lowest bits."""
+    return 31 // (limit - 1).bit_length()
 
 
 def words_for(count: int, limit: int) -> int:
@@ -25,13 +28,19 @@ def _shifts(limit: int):
 
 def pack(numbers, limit: int):
     """The numbers on the last axis (each in [0, limit)) as int32 words of bit fields, the first in the lowest
-    bits; the last word is filled up with zeros."""
-    per = fields_per_word(limit)
+    bits; the last word is filled up with zeros.
+
+    As a product with a matrix of powers of 2 in float64: exact (the fields do not overlap, so the sum is
+    their bitwise or, and every word is below 2^31, well within float64's 2^53), and under XLA nearly free
+    where shifting and summing the fields took a third of the comparison's time.
+    """
+    per, width = fields_per_word(limit), (limit - 1).bit_length()
     *outer, count = numbers.shape.as_list()
-    words = words_for(count, limit)
-    padded = tf.pad(tf.cast(numbers, tf.int32), [[0, 0]] * len(outer) + [[0, words * per - count]])
-    fields = tf.bitwise.left_shift(tf.reshape(padded, outer + [words, per]), _shifts(limit))
-    return tf.reduce_sum(fields, axis=-1)  # the fields do not overlap: a sum is their bitwise or
+    powers = np.zeros((count, words_for(count, limit)))
+    for i in range(count):
+        powers[i, i // per] = 2.0 ** (width * (i % per))
+    words = tf.matmul(tf.reshape(tf.cast(numbers, tf.float64), [-1, count]), tf.constant(powers))
+    return tf.reshape(tf.cast(words, tf.int32), outer + [powers.shape[1]])
 
 
 def unpack(words, limit: int, count: int):
