@@ -16,7 +16,7 @@ WORDS = {
         "server2": "server2", "server2_sees": ["holds: no share of the data", "deals: masks, triples", "sees: a fair coin per value"],
         "owner": "model owner", "owner_sees": ["w0 to server0, w1 to server1;", "tells the servers what to compute;", "sees: who asked, when, how many"],
         "openings": ["openings, e.g.", "x − a, x + 2^k + r"],
-        "dealt": "dealt: masks, triples; the masked sign bit", "scrambled": "scrambled numbers mod 67",
+        "dealt": "dealt: masks, triples; masked sign bit, shared", "scrambled": "scrambled numbers mod a small prime",
         "footer": "No single server sees x, y or w. Any two servers together would: the protection assumes they do not collude.",
     },
     "participantes.svg": {
@@ -28,7 +28,7 @@ WORDS = {
         "server2": "server2", "server2_sees": ["sin partes secretas de los datos", "reparte: máscaras, ternas", "ve: una moneda al aire por valor"],
         "owner": "propietario del modelo", "owner_sees": ["w0 a server0, w1 a server1;", "dice a los servidores qué calcular;", "ve: quién pide, cuándo y cuánto"],
         "openings": ["aperturas, p. ej.", "x − a, x + 2^k + r"],
-        "dealt": "máscaras, ternas; bit de signo enmascarado", "scrambled": "números mezclados, módulo 67",
+        "dealt": "máscaras, ternas; bit de signo, en partes", "scrambled": "números mezclados, módulo un primo pequeño",
         "footer": "Ningún servidor ve por sí solo ni x, ni y, ni w. Dos servidores cualesquiera, juntos, sí: la protección supone que no se confabulan.",
     },
 }
