@@ -11,7 +11,7 @@ import private_predictions.truncation as truncation_module
 from private_predictions import connect
 from private_predictions._tf import tf
 from private_predictions.protocol import FIXED_POINT
-from private_predictions.truncation import offset, quotient_share, truncate, wrap_material
+from private_predictions.truncation import offset, quotient_parts, quotient_share, truncate, wrap_material
 
 SCALE, K = FIXED_POINT.scaling_factor, 42  # the network's divisor and the bound of its products (2^42 > 729 * 3^20)
 
@@ -27,8 +27,8 @@ def combine(x, r, divisor, k, dtype):
              for _ in range(2)]
     c_words = np.array([(int(a) + shift + int(b)) % 2**bits for a, b in zip(np.ravel(x), np.ravel(r))], dtype=object)
     c = tf.cast(words(c_words.reshape(np.shape(x))), dtype)
-    y = (quotient_share(0, c, shift, divisor, split[0], split[1])
-         + quotient_share(1, c, shift, divisor, r_quotient - split[0], wrap - split[1]))
+    parts = quotient_parts(c, shift, divisor)
+    y = quotient_share(0, parts, split[0], split[1]) + quotient_share(1, parts, r_quotient - split[0], wrap - split[1])
     y = (y.numpy().astype(object) + 2**(bits - 1)) % 2**bits - 2**(bits - 1)
     return y, c_words.reshape(np.shape(x))
 

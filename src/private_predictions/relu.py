@@ -255,9 +255,9 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
                     public, coefficients = c - word(2**k, tf.int64), (1,)
                     y_share = x_shares[i]
                 else:
-                    public, below_half = quotient_parts(c + (shift - 2**k), shift, divisor)
-                    coefficients = (1, -below_half)
-                    y_share = quotient_share(i, c + (shift - 2**k), shift, divisor, *dealt[i]["wrap"])
+                    parts = quotient_parts(c + (shift - 2**k), shift, divisor)  # once: y's share and z * y's
+                    public, coefficients = parts[0], (1, -parts[1])
+                    y_share = quotient_share(i, parts, *dealt[i]["wrap"])
                 # z * y = public * z - the sum of coefficient * (z times a hidden number): no opening needed.
                 zy = public * z_shares[0] - sum(factor * share for factor, share in zip(coefficients, z_shares[1:]))
                 out.append(protocol.tensor_factory.tensor(tf.where(tf.equal(flips[i], 1), y_share - zy, zy)))

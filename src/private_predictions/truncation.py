@@ -69,9 +69,9 @@ def quotient_parts(c, offset_: int, divisor: int):
     return public, tf.cast(c >= 0, c.dtype)
 
 
-def quotient_share(party: int, c, offset_: int, divisor: int, quotient_share_, wrap_share):
-    """One server's share of floor(x / divisor) + e, from the opened c = x + offset + r."""
-    public, below_half = quotient_parts(c, offset_, divisor)
+def quotient_share(party: int, parts, quotient_share_, wrap_share):
+    """One server's share of floor(x / divisor) + e, from :func:`quotient_parts` of the opened c."""
+    public, below_half = parts
     share = below_half * wrap_share - quotient_share_
     return share + public if party == 0 else share
 
@@ -110,6 +110,6 @@ def truncate(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int) -> P
         out = []
         for i, device in enumerate(servers):
             with tf.device(device):
-                c = open_masked(protocol, *masked)
-                out.append(protocol.tensor_factory.tensor(quotient_share(i, c, shift, divisor, *held[i])))
+                parts = quotient_parts(open_masked(protocol, *masked), shift, divisor)
+                out.append(protocol.tensor_factory.tensor(quotient_share(i, parts, *held[i])))
     return PondPrivateTensor(protocol, out[0], out[1], x.is_scaled)
