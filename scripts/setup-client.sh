@@ -38,5 +38,9 @@ if .venv-client/bin/python -c "import tensorflow" >/dev/null 2>&1; then
     echo "error: TensorFlow can be imported in .venv-client, which must not need it" >&2
     exit 1
 fi
-.venv-client/bin/python -m ipykernel install --prefix "$PWD/.venv" --name private-predictions-client \
-    --display-name "Python (client only, no TensorFlow)" >/dev/null 2>&1
+# ipykernel stages the kernel's files in a folder of its own under TMPDIR and never removes it: one empty
+# tmp*_kernels folder per run, left in /tmp. It stages them in a folder of ours instead, removed after.
+staging=$(mktemp -d)
+trap 'rm -rf "$staging"' EXIT
+TMPDIR="$staging" .venv-client/bin/python -m ipykernel install --prefix "$PWD/.venv" \
+    --name private-predictions-client --display-name "Python (client only, no TensorFlow)" >/dev/null 2>&1

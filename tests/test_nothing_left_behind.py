@@ -28,3 +28,15 @@ def test_a_process_that_traces_and_is_killed_leaves_no_autograph_file(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == -signal.SIGKILL and done.stdout == "6\n", done.stderr[-2000:]
     assert list(temporary.iterdir()) == []
+
+
+def test_setting_up_the_clients_kernel_leaves_nothing_in_the_temporary_folder(tmp_path):
+    # scripts/setup-client.sh runs for every test run and every `make lab`; ipykernel's install stages the
+    # kernel's files in a folder of its own under TMPDIR and never removes it (an empty tmp*_kernels each time).
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    done = subprocess.run(["bash", "scripts/setup-client.sh"], cwd=repository, capture_output=True, text=True,
+                          env=dict(os.environ, TMPDIR=str(temporary)), timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list(temporary.iterdir()) == []
