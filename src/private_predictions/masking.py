@@ -9,6 +9,7 @@ two servers must agree on costs a seed, not a message: equal seeds give equal ra
 from tf_encrypted.operations import secure_random
 
 from ._tf import tf
+from .compiled import compiled
 from .packing import digits, digits_per_draw
 
 WORDS = (-2**63, 2**63 - 1)  # uniform 64-bit words, as tf-encrypted samples them
@@ -34,7 +35,7 @@ def small_uniform(shape, seed, base: int):
     return _compiled_digits(draws, base, last)
 
 
-_compiled_digits = tf.function(digits, jit_compile=True)  # XLA divides by constants without dividing
+_compiled_digits = compiled(digits)  # XLA divides by constants without dividing
 
 
 def open_masked(protocol, share0, share1):

@@ -43,6 +43,7 @@ from tf_encrypted.operations import secure_random
 from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 
 from ._tf import tf
+from .compiled import compiled
 from .masking import WORDS, open_masked, small_uniform
 from .masking import uniform as _uniform
 from .packing import pack, unpack
@@ -148,10 +149,10 @@ def _opened_numbers(answer0, answer1, k):
 
 # XLA compiles the comparison's thirty-odd steps on k numbers per value into a few passes over memory, on
 # the server that calls it: several times faster than running them one TensorFlow op at a time.
-_compiled_answer = tf.function(_answer, jit_compile=True)
-_compiled_opened_numbers = tf.function(_opened_numbers, jit_compile=True)  # on server2: one pass
-_compiled_bits_share = tf.function(_bits_share, jit_compile=True)  # on server2, as it deals
-_compiled_unpack = tf.function(unpack, jit_compile=True)  # on server1, what server2 dealt it
+_compiled_answer = compiled(_answer)
+_compiled_opened_numbers = compiled(_opened_numbers)  # on server2: one pass
+_compiled_bits_share = compiled(_bits_share)  # on server2, as it deals
+_compiled_unpack = compiled(unpack)  # on server1, what server2 dealt it
 
 
 def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step: int = 0):
