@@ -107,7 +107,8 @@ def test_a_killed_serving_side_gives_a_clear_error_and_a_restart_serves_again(ow
     # The restarted side may still answer the failed query; that answer must not be
     # taken for this one, so ask about a different image.
     again = client.predict_logits(test_images[1:2], timeout=60)
-    assert again.argmax() == load_logits_model()(test_images[1:2]).numpy().argmax()
+    # The same logits: nothing the killed side left on the servers (its dealer's material) serves the new one.
+    np.testing.assert_allclose(again, load_logits_model()(test_images[1:2]).numpy(), atol=0.01)
 
 
 def test_a_client_waiting_after_serving_has_ended_is_told_so(tmp_path, test_images):
