@@ -158,3 +158,38 @@ def test_serving_deals_each_querys_material_before_it_and_keeps_count_of_what_wa
             secure_model.close()
             del secure_model  # its handles to the servers' tables go while the servers are there
             gc.collect()
+
+
+def test_after_a_computation_that_took_its_lot_from_one_server_only_the_buckets_lots_are_replaced(cluster):
+    # A computation cut short (a failure, a pulled cable) may have dequeued its lot on server0 and not on
+    # server1: every later query would then compute with server0's part of one lot and server1's part of
+    # another, and answer wrong without an error. The serving side replaces the bucket's queues after a
+    # failed computation (serving._Session), and the new ones line up.
+    protocol = connect(cluster.config)
+    secure_model = share_model(load_logits_model(), protocol)
+    (_, _), (x_test, _) = load_mnist()
+    expected = load_logits_model()(x_test[:1]).numpy()
+    encoded = np.round(x_test[:1] * protocol.fixedpoint_config.scaling_factor).astype(np.int64)
+
+    def answer():
+        lots = secure_model.lots(1)
+
+        @tf.function
+        def query():
+            shares = []
+            for share, server in ((np.zeros_like(encoded), protocol.server_0), (encoded, protocol.server_1)):
+                with tf.device(server.device_name):
+                    shares.append(protocol.tensor_factory.tensor(tf.constant(share)))
+            with lots.taking():
+                return secure_model.network(PondPrivateTensor(protocol, *shares, True)).reveal().to_native()
+        lots.deal()
+        return query().numpy()
+
+    try:
+        secure_model.lots(1).deal()
+        secure_model.lots(1)._queues["server0"].dequeue()  # what a computation cut short may leave
+        assert np.abs(answer() - expected).max() > 1  # server0's part of the second lot, server1's of the first
+        secure_model.discard_lots(1)
+        np.testing.assert_allclose(answer(), expected, atol=0.01)
+    finally:
+        secure_model.close()

@@ -213,9 +213,8 @@ class Stock:
         self._ready[bucket] = self.ready(bucket) - count
 
     def forget(self, bucket: int) -> None:
-        """After a failed computation, which may or may not have taken its lot: count no lot of this bucket.
-        The next query's is dealt before it; one lot too many waits in the queues at most (their room has no
-        bound), where counting one too many would fail the next query."""
+        """Count no lot of this bucket (its queues were dropped: SecureModel.discard_lots); the next query's
+        is dealt before it."""
         if self._dealing is not None and self._dealing[0] == bucket:
             self._dealing = None  # not waited for: the servers may be what failed
         self._ready[bucket] = 0

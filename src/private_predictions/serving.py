@@ -124,6 +124,15 @@ class SecureModel:
             self._lots[bucket] = Lots(lambda: self.network(self._zero_images(bucket)), party)
         return self._lots[bucket]
 
+    def discard_lots(self, bucket: int) -> None:
+        """After a computation of this bucket that failed: it may have taken its lot from some servers' queues
+        and not from the others', and then no later lot would line up (each server would use its part of
+        another lot: wrong answers). So the bucket's queues go, with every lot in them, and the bucket's
+        computation is traced anew with new ones."""
+        self.stock.forget(bucket)
+        self._lots.pop(bucket, None)
+        self._answer_functions.pop(bucket, None)
+
     def _zero_images(self, bucket: int):
         shares = []
         for server in (self.protocol.server_0, self.protocol.server_1):
@@ -446,6 +455,9 @@ class _Session:
                 raise error
             self._check_interrupt()
             time.sleep(0.2)
+        # A computation cut by the outage may have taken its lots from some servers' queues only.
+        for bucket in list(self.model._lots):
+            self.model.discard_lots(bucket)
         self.report(f"{error.name} answers again: serving goes on.")
 
     def _next(self, timeout: Optional[float]):
@@ -477,7 +489,7 @@ class _Session:
                 raise TimeoutError(f"No private query arrived within {timeout:.0f} s. Run the client "
                                    "(notebook 03) while this one serves.") from None
             except tf.errors.OpError as error:
-                self.model.stock.forget(self._listening_for)
+                self.model.discard_lots(self._listening_for)
                 raise self.model.servers.explain(error) from None
             finally:
                 if self._incoming is not None and self._incoming.done():
@@ -534,7 +546,7 @@ class _Session:
             if bool(answered):
                 self.model.stock.used(bucket)
         except tf.errors.OpError as error:  # this computation's failure; the service goes on
-            self.model.stock.forget(bucket)
+            self.model.discard_lots(bucket)
             return [self._refuse(keys, f"failed ({error.message.splitlines()[0][:200]})")]
         return self._answered(keys, batches)
 
