@@ -16,12 +16,11 @@ from tensorflow.python.ops import gen_lookup_ops
 from ._tf import tf, tfe
 from .config import ClusterConfig
 from .data import IMAGE_SHAPE
-from .dealing import Lots, Stock
 from .network import SecretNetwork
 from .queues import (BATCH_BUCKETS, MAX_BATCH_SIZE, NOBODY, PIXELS, REFUSED, REQUEST_DTYPES, SERVING_SILENCE,
                      PublishedCosts, ServingLease, bucket_of, request_queue, row_keys, server_tables,
                      someone_serves, take_waiting)
-from .traffic import crossings, party
+from .traffic import crossings
 from .value_range import fitting
 from .waiting import WATCH_INTERVAL, BackgroundCall, bounded, wait_for
 from .watch import ServerUnreachableError, ServerWatch, first_dead_server
@@ -83,8 +82,6 @@ class SecureModel:
         self.plaintext = plaintext  # the Keras model, timed for the costs published to clients
         self.servers = ServerWatch(ClusterConfig(dict(tfe.get_config().hostmap)), RESTART_ADVICE)
         self._answer_functions = {}
-        self._lots = {}  # bucket -> its material dealt ahead, in queues on the servers (dealing.py)
-        self.stock = Stock(lambda bucket: self.lots(bucket).deal())
         self.tables = self._quick(server_tables, protocol)
         self.lease = self._quick(ServingLease, protocol.server_0.device_name)
         self.published = self._quick(PublishedCosts, protocol.server_0.device_name)
@@ -117,28 +114,6 @@ class SecureModel:
                 lambda *args: self._answer_on_servers(bucket, *args),
                 input_signature=[tf.TensorSpec([], tf.resource), tf.TensorSpec([], tf.bool), KEYS, KEYS])
         return self._answer_functions[bucket]
-
-    def lots(self, bucket: int) -> Lots:
-        """This bucket's material dealt ahead (dealing.py): the network traced on zero images, its dealing kept."""
-        if bucket not in self._lots:
-            self._lots[bucket] = Lots(lambda: self.network(self._zero_images(bucket)), party)
-        return self._lots[bucket]
-
-    def discard_lots(self, bucket: int) -> None:
-        """After a computation of this bucket that failed: it may have taken its lot from some servers' queues
-        and not from the others', and then no later lot would line up (each server would use its part of
-        another lot: wrong answers). So the bucket's queues go, with every lot in them, and the bucket's
-        computation is traced anew with new ones."""
-        self.stock.forget(bucket)
-        self._lots.pop(bucket, None)
-        self._answer_functions.pop(bucket, None)
-
-    def _zero_images(self, bucket: int):
-        shares = []
-        for server in (self.protocol.server_0, self.protocol.server_1):
-            with tf.device(server.device_name):
-                shares.append(self.protocol.tensor_factory.tensor(tf.zeros((bucket,) + IMAGE_SHAPE, tf.int64)))
-        return tfe.protocol.pond.PondPrivateTensor(self.protocol, *shares, True)
 
     def _answer_on_servers(self, bucket, requests, take_next, given_keys, given_batches):
         protocol, tables = self.protocol, self.tables
@@ -228,10 +203,8 @@ class SecureModel:
         """
         with tf.init_scope():  # runs now, on this process and server0, not as part of the computation
             # The queries' keys and sizes are the only tensors of unknown size: at most one per image.
-            dealing = self.lots(bucket).deal.get_concrete_function().graph  # before the query, but its bytes count
             self.costs[bucket] = {"plaintext_seconds": self._plaintext_seconds(bucket),
-                                  "servers_bytes": sum(crossings(graph, largest=bucket).values())
-                                  + sum(crossings(dealing).values())}
+                                  "servers_bytes": sum(crossings(graph, largest=bucket).values())}
             self.published.write(json.dumps(self.costs))
 
     def _plaintext_seconds(self, bucket: int) -> Optional[float]:
@@ -271,8 +244,7 @@ class SecureModel:
                     padded = tf.pad(found, [[0, bucket - images], [0, 0]])
                 shares.append(factory.tensor(tf.reshape(padded, (bucket,) + IMAGE_SHAPE)))
         x = tfe.protocol.pond.PondPrivateTensor(protocol, shares[0], shares[1], True)
-        with self.lots(bucket).taking():  # material dealt before this query, taken from the servers' queues
-            y = self.network(x).unwrapped
+        y = self.network(x).unwrapped
         said = []
         for table, share in zip(tables, y):
             with tf.device(table.device):
@@ -313,8 +285,6 @@ class SecureModel:
         """
         self.network = None
         self._answer_functions.clear()
-        self._lots.clear()  # the servers' queues go with them
-        self.stock.clear()
         gc.collect()
 
 
@@ -327,7 +297,6 @@ class _Session:
         self.dropped = 0  # requests with no shares behind them
         self.backlog = deque()  # requests (key, batch) taken from the queue together, not answered yet
         self._incoming: Optional[BackgroundCall] = None
-        self._listening_for = 1  # the bucket of the computation that waits for a request (_listen)
         self.bucket = 1  # of the queries answered last: a request of that size is answered on arrival
         self._stopped = threading.Event()
         self._interrupted = threading.Event()  # set by Ctrl-C while serving (_interrupt_ends_serving)
@@ -395,7 +364,6 @@ class _Session:
             except (tf.errors.OpError, TimeoutError, AttributeError):
                 pass  # a server is gone: clients will notice that too
         self._heartbeat.join(2.0)
-        self.model.stock.settle(2.0)  # a lot being dealt ahead is counted (a silent server's call is abandoned)
 
     def run(self, num_requests: Optional[int], timeout: Optional[float], until_done: bool) -> Served:
         of_total = "" if num_requests is None else f"/{num_requests}"
@@ -455,9 +423,6 @@ class _Session:
                 raise error
             self._check_interrupt()
             time.sleep(0.2)
-        # A computation cut by the outage may have taken its lots from some servers' queues only.
-        for bucket in list(self.model._lots):
-            self.model.discard_lots(bucket)
         self.report(f"{error.name} answers again: serving goes on.")
 
     def _next(self, timeout: Optional[float]):
@@ -477,11 +442,7 @@ class _Session:
                     return outcomes
                 continue
             if self._incoming is None:
-                # A lot of material waits for the next query (dealing.py), and another is dealt while it comes.
-                self._call(self.model.stock.top_up, self.bucket)
                 self._incoming = self._listen()
-                self._listening_for = self.bucket
-                self.model.stock.deal_ahead(self.bucket)
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 keys, batches, answered = wait_for(self._incoming, wait, "", watches=[self.check_lease])
@@ -489,13 +450,11 @@ class _Session:
                 raise TimeoutError(f"No private query arrived within {timeout:.0f} s. Run the client "
                                    "(notebook 03) while this one serves.") from None
             except tf.errors.OpError as error:
-                self.model.discard_lots(self._listening_for)
                 raise self.model.servers.explain(error) from None
             finally:
                 if self._incoming is not None and self._incoming.done():
                     self._incoming = None
             if answered:
-                self.model.stock.used(self._listening_for)
                 return self._answered(keys, batches)
             # Not answered on arrival: take it here, with every request queued behind it, in one call.
             self.backlog.extend(list(zip(keys, batches)) + self._call(take_waiting, self.requests))
@@ -539,14 +498,10 @@ class _Session:
         keys, batches = [key for key, _ in group], [batch for _, batch in group]
         bucket = bucket_of(sum(batches))
         function = self.model._answer_function(bucket)
-        self._call(self.model.stock.top_up, bucket)  # the query takes a lot dealt before (dealing.py)
         try:
-            _, _, answered = self._call(function, self.requests.handle, tf.constant(False),
-                                        tf.constant(keys, tf.int64), tf.constant(batches, tf.int64))
-            if bool(answered):
-                self.model.stock.used(bucket)
+            self._call(function, self.requests.handle, tf.constant(False), tf.constant(keys, tf.int64),
+                       tf.constant(batches, tf.int64))
         except tf.errors.OpError as error:  # this computation's failure; the service goes on
-            self.model.discard_lots(bucket)
             return [self._refuse(keys, f"failed ({error.message.splitlines()[0][:200]})")]
         return self._answered(keys, batches)
 
