@@ -107,7 +107,8 @@ def test_a_killed_serving_side_gives_a_clear_error_and_a_restart_serves_again(ow
     # The restarted side may still answer the failed query; that answer must not be
     # taken for this one, so ask about a different image.
     again = client.predict_logits(test_images[1:2], timeout=60)
-    # The same logits: nothing the killed side left on the servers (its dealer's material) serves the new one.
+    # The same logits, not only the same digit: the restarted side computes with its own functions and shares,
+    # never with what the killed side compiled or left on the servers (compiled.py).
     np.testing.assert_allclose(again, load_logits_model()(test_images[1:2]).numpy(), atol=0.01)
 
 

@@ -17,7 +17,8 @@ PROCESS = uuid.uuid4().hex[:12]  # this process's part of every compiled functio
 
 
 def compiled(function):
-    """``function`` traced by tf.function and compiled by XLA, named ``<its name>_<PROCESS>_<counter>``."""
+    """``function`` traced by tf.function and compiled by XLA; TensorFlow names each trace
+    ``__inference_<its name>_<PROCESS>_<counter>``."""
     @functools.wraps(function)
     def named(*args, **kwargs):
         return function(*args, **kwargs)
