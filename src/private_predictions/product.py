@@ -25,6 +25,7 @@ from tf_encrypted.operations import secure_random
 from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 
 from ._tf import tf
+from .dealing import dealing_only, material
 from .masking import WORDS, open_masked, uniform
 
 
@@ -60,18 +61,28 @@ def product(protocol, x: PondPrivateTensor, weights: MaskedWeights, bias, apply,
     shape = tuple(x.shape.as_list())
     servers = (protocol.server_0.device_name, protocol.server_1.device_name)
     with tf.name_scope("masked-product"):
-        with tf.device(protocol.server_2.device_name):
-            seeds = [{"a": secure_random.secure_seed(), "ab": secure_random.secure_seed()},
-                     {"a": secure_random.secure_seed()}]
-            a = uniform(shape, seeds[0]["a"], *WORDS) + uniform(shape, seeds[1]["a"], *WORDS)
-            ab = then(apply(factory.tensor(a), factory.tensor(weights.mask.read_value())).value)
-            out_shape = tuple(ab.shape.as_list())
-            ab1 = ab - uniform(out_shape, seeds[0]["ab"], *WORDS)
-        held, masked = [], []
+        def deal():
+            """server2's a and a*b, as shares: server0's grow from seeds, server1's share of a*b is sent."""
+            with tf.device(protocol.server_2.device_name):
+                seeds = [{"a": secure_random.secure_seed(), "ab": secure_random.secure_seed()},
+                         {"a": secure_random.secure_seed()}]
+                a = uniform(shape, seeds[0]["a"], *WORDS) + uniform(shape, seeds[1]["a"], *WORDS)
+                ab = then(apply(factory.tensor(a), factory.tensor(weights.mask.read_value())).value)
+                out_shape = tuple(ab.shape.as_list())
+                ab1 = ab - uniform(out_shape, seeds[0]["ab"], *WORDS)
+            kept = []
+            for i, device in enumerate(servers):
+                with tf.device(device):
+                    kept.append({"a": uniform(shape, seeds[i]["a"], *WORDS),
+                                 "ab": uniform(out_shape, seeds[0]["ab"], *WORDS) if i == 0 else tf.identity(ab1)})
+            return kept
+        dealt = material(deal)
+        if dealing_only():  # a value of the output's shape
+            return PondPrivateTensor(protocol, *(factory.tensor(held["ab"]) for held in dealt), x.is_scaled)
+        masked = []
         for i, device in enumerate(servers):
             with tf.device(device):
-                held.append(uniform(shape, seeds[i]["a"], *WORDS))
-                masked.append(x.unwrapped[i].value - held[i])
+                masked.append(x.unwrapped[i].value - dealt[i]["a"])
         out = []
         for i, (device, bias_share) in enumerate(zip(servers, bias.unwrapped)):
             with tf.device(device):
@@ -79,7 +90,6 @@ def product(protocol, x: PondPrivateTensor, weights: MaskedWeights, bias, apply,
                 f = weights.opened[i].read_value()
                 b = weights.mask_shares[i].read_value()
                 # e*f + e*b + a*f (+ a*b): server0 adds e*f, each server its own shares' terms.
-                terms = apply(e, factory.tensor(f + b if i == 0 else b)) + apply(factory.tensor(held[i]), factory.tensor(f))
-                dealt = uniform(out_shape, seeds[0]["ab"], *WORDS) if i == 0 else tf.identity(ab1)
-                out.append(factory.tensor(then((terms + bias_share).value) + dealt))
+                terms = apply(e, factory.tensor(f + b if i == 0 else b)) + apply(factory.tensor(dealt[i]["a"]), factory.tensor(f))
+                out.append(factory.tensor(then((terms + bias_share).value) + dealt[i]["ab"]))
     return PondPrivateTensor(protocol, out[0], out[1], x.is_scaled)

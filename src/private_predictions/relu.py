@@ -44,6 +44,7 @@ from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 
 from ._tf import tf
 from .compiled import compiled
+from .dealing import dealing_only, material
 from .masking import WORDS, open_masked, small_uniform
 from .masking import uniform as _uniform
 from .packing import pack, unpack
@@ -130,6 +131,9 @@ def _answer(party, bits, c, k, beta, masks, rotation):
     off one draw ``masks`` in [0, (p - 1) * p), p = prime_for(k): 1 + masks // p and masks % p are then
     independent and uniform in 1 ... p - 1 and 0 ... p - 1, for one random number drawn instead of two."""
     prime = prime_for(k)
+    # Dealt in the narrowest words that hold them (kept ahead, they take a quarter or half the memory): int32
+    # from here on, in the compiled pass that reads them anyway.
+    bits, beta, masks, rotation = (tf.cast(value, tf.int32) for value in (bits, beta, masks, rotation))
     return pack(_compare_share(party, bits, c, k, beta, 1 + masks // prime, masks % prime, rotation), prime)
 
 
@@ -192,35 +196,50 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
         # the comparison, shares of z and of z times each hidden number. server0's shares grow from seeds,
         # on server0 and on server2; a seed never serves two purposes (equal seeds give equal random numbers).
         products = tuple(f"z*{name}" for name in hidden)
-        with tf.device(helper):
-            seeds = [{name: secure_random.secure_seed()
-                      for name in ("r", "bits", "z") + products + (("quotient", "wrap") if shift else ())},
-                     {"r": secure_random.secure_seed()}]
-            r = sum(_uniform(shape, seeds[i]["r"], *WORDS) for i in range(2))
-            bits0 = small_uniform(shape + (compared,), seeds[0]["bits"], prime)  # server0's, grown there too
-            bits1 = _compiled_bits_share(tf.bitwise.right_shift(r, skipped), bits0, compared)
-            r_top = _bit(r, k)
-            known = {"r": r}
-            if shift is not None:
-                known["r_q"], known["h"] = wrap_material(r, divisor)
-                wrap1 = deal_wrap_material(r, divisor, seeds[0], shape, (known["r_q"], known["h"]))
-        dealt = []
-        for i, device in enumerate(servers):
-            with tf.device(device):
-                held = {"r": _uniform(shape, seeds[i]["r"], *WORDS)}
-                if i == 0:
-                    held["bits"] = small_uniform(shape + (compared,), seeds[0]["bits"], prime)
-                    held.update({name: _uniform(shape, seeds[0][name], *WORDS) for name in ("z",) + products})
-                    if shift is not None:
-                        held["wrap"] = seeded_wrap_shares(seeds[0], shape)
-                else:
-                    held["bits"] = _compiled_unpack(tf.identity(bits1), prime, compared)
-                    if shift is not None:
-                        held["wrap"] = tuple(tf.identity(share) for share in wrap1)
-                dealt.append(held)
-        # server0 and server1 draw their common randomness from seeds that server2 never sees.
-        with tf.device(servers[0]):
-            common = {name: secure_random.secure_seed() for name in ("beta", "masks", "rotation")}
+
+        def deal():
+            """Everything random in this ReLU, made before the query if it can be (dealing.py): what server2
+            keeps, and what server0 and server1 keep (their shares, and their common randomness)."""
+            with tf.device(helper):
+                seeds = [{name: secure_random.secure_seed()
+                          for name in ("r", "bits", "z") + products + (("quotient", "wrap") if shift else ())},
+                         {"r": secure_random.secure_seed()}]
+                r = sum(_uniform(shape, seeds[i]["r"], *WORDS) for i in range(2))
+                bits0 = small_uniform(shape + (compared,), seeds[0]["bits"], prime)  # server0's, grown there too
+                bits1 = _compiled_bits_share(tf.bitwise.right_shift(r, skipped), bits0, compared)
+                known = {"r": r}
+                if shift is not None:
+                    known["r_q"], known["h"] = wrap_material(r, divisor)
+                    wrap1 = deal_wrap_material(r, divisor, seeds[0], shape, (known["r_q"], known["h"]))
+                # server0's shares of z and of z times each hidden number, which server2 takes off its answer.
+                kept_by_helper = {"r_top": _bit(r, k), "known": [known[name] for name in hidden],
+                                  "grown": [_uniform(shape, seeds[0][name], *WORDS) for name in ("z",) + products]}
+            # server0 and server1 draw their common randomness from seeds that server2 never sees.
+            with tf.device(servers[0]):
+                common = {name: secure_random.secure_seed() for name in ("beta", "masks", "rotation")}
+            kept = []
+            for i, device in enumerate(servers):
+                with tf.device(device):
+                    # The small numbers in words of 8 or 16 bits (_answer): prime < 2^7, (prime - 1) * prime < 2^15.
+                    held = {"r": _uniform(shape, seeds[i]["r"], *WORDS),
+                            "beta": tf.cast(_uniform(shape, common["beta"], 0, 2, tf.int32), tf.int8),
+                            "masks": tf.cast(small_uniform(shape + (compared,), common["masks"], (prime - 1) * prime),
+                                             tf.int16),
+                            "rotation": tf.cast(_uniform(shape, common["rotation"], 0, compared, tf.int32), tf.int8)}
+                    if i == 0:
+                        held["bits"] = tf.cast(small_uniform(shape + (compared,), seeds[0]["bits"], prime), tf.int8)
+                        held["z"] = [_uniform(shape, seeds[0][name], *WORDS) for name in ("z",) + products]
+                        if shift is not None:
+                            held["wrap"] = seeded_wrap_shares(seeds[0], shape)
+                    else:
+                        held["bits"] = tf.cast(_compiled_unpack(tf.identity(bits1), prime, compared), tf.int8)
+                        if shift is not None:
+                            held["wrap"] = tuple(tf.identity(share) for share in wrap1)
+                    kept.append(held)
+            return kept + [kept_by_helper]
+        *dealt, by_helper = material(deal)
+        if dealing_only():
+            return x
         x_shares = [s.value for s in x.unwrapped]
         opened_c = []
         for i, device in enumerate(servers):
@@ -231,23 +250,19 @@ def relu(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int = 1, step
             with tf.device(device):
                 c = open_masked(protocol, *opened_c)
                 c_opened.append(c)
-                beta = _uniform(shape, common["beta"], 0, 2, tf.int32)
-                masks = small_uniform(shape + (compared,), common["masks"], (prime - 1) * prime)
-                rotation = _uniform(shape, common["rotation"], 0, compared, tf.int32)
                 answers.append(_compiled_answer(i, dealt[i]["bits"], tf.bitwise.right_shift(c, skipped), compared,
-                                                beta, masks, rotation))
-                flips.append(tf.bitwise.bitwise_xor(_bit(c, k), tf.cast(beta, tf.int64)))
+                                                dealt[i]["beta"], dealt[i]["masks"], dealt[i]["rotation"]))
+                flips.append(tf.bitwise.bitwise_xor(_bit(c, k), tf.cast(dealt[i]["beta"], tf.int64)))
         with tf.device(helper):
             numbers = _compiled_opened_numbers(*[tf.identity(answer) for answer in answers], compared)
-            z = tf.bitwise.bitwise_xor(_zero_anywhere(numbers), r_top)
+            z = tf.bitwise.bitwise_xor(_zero_anywhere(numbers), by_helper["r_top"])
             # server1's shares of z and of z times each hidden number: what server2 knows, less server0's.
-            grown = [_uniform(shape, seeds[0][name], *WORDS) for name in ("z",) + products]
-            wholes = [z] + [z * known[name] for name in hidden]
-            answer = tf.stack([whole - share for whole, share in zip(wholes, grown)])
+            wholes = [z] + [z * known for known in by_helper["known"]]
+            answer = tf.stack([whole - share for whole, share in zip(wholes, by_helper["grown"])])
         out = []
         for i, device in enumerate(servers):
             with tf.device(device):
-                z_shares = [dealt[0][name] for name in ("z",) + products] if i == 0 else tf.unstack(tf.identity(answer))
+                z_shares = dealt[0]["z"] if i == 0 else tf.unstack(tf.identity(answer))
                 c = c_opened[i]
                 if step:
                     public, coefficients = word(step, tf.int64), ()

@@ -16,11 +16,12 @@ from tensorflow.python.ops import gen_lookup_ops
 from ._tf import tf, tfe
 from .config import ClusterConfig
 from .data import IMAGE_SHAPE
+from .dealing import HANDLES, MISMATCH, NUMBER, Lots, Stock
 from .network import SecretNetwork
 from .queues import (BATCH_BUCKETS, MAX_BATCH_SIZE, NOBODY, PIXELS, REFUSED, REQUEST_DTYPES, SERVING_SILENCE,
                      PublishedCosts, ServingLease, bucket_of, request_queue, row_keys, server_tables,
                      someone_serves, take_waiting)
-from .traffic import crossings
+from .traffic import crossings, party
 from .value_range import fitting
 from .waiting import WATCH_INTERVAL, BackgroundCall, bounded, wait_for
 from .watch import ServerUnreachableError, ServerWatch, first_dead_server
@@ -82,6 +83,10 @@ class SecureModel:
         self.plaintext = plaintext  # the Keras model, timed for the costs published to clients
         self.servers = ServerWatch(ClusterConfig(dict(tfe.get_config().hostmap)), RESTART_ADVICE)
         self._answer_functions = {}
+        self._lots = {}  # bucket -> its material dealt ahead, in queues on the servers (dealing.py)
+        self._making_lots = threading.Lock()  # one bucket's Lots made once, whichever thread asks first
+        self.stock = Stock(lambda bucket, number: self.lots(bucket).deal(number),
+                           lambda bucket: self.lots(bucket).renew())
         self.tables = self._quick(server_tables, protocol)
         self.lease = self._quick(ServingLease, protocol.server_0.device_name)
         self.published = self._quick(PublishedCosts, protocol.server_0.device_name)
@@ -112,10 +117,25 @@ class SecureModel:
             # One trace per bucket, however many queries it is given (their number is not part of the trace).
             self._answer_functions[bucket] = tf.function(
                 lambda *args: self._answer_on_servers(bucket, *args),
-                input_signature=[tf.TensorSpec([], tf.resource), tf.TensorSpec([], tf.bool), KEYS, KEYS])
+                input_signature=[tf.TensorSpec([], tf.resource), tf.TensorSpec([], tf.bool), KEYS, KEYS, NUMBER,
+                                 HANDLES])
         return self._answer_functions[bucket]
 
-    def _answer_on_servers(self, bucket, requests, take_next, given_keys, given_batches):
+    def lots(self, bucket: int) -> Lots:
+        """This bucket's material dealt ahead (dealing.py): the network traced on zero images, its dealing kept."""
+        with self._making_lots:
+            if bucket not in self._lots:
+                self._lots[bucket] = Lots(lambda: self.network(self._zero_images(bucket)), party)
+        return self._lots[bucket]
+
+    def _zero_images(self, bucket: int):
+        shares = []
+        for server in (self.protocol.server_0, self.protocol.server_1):
+            with tf.device(server.device_name):
+                shares.append(self.protocol.tensor_factory.tensor(tf.zeros((bucket,) + IMAGE_SHAPE, tf.int64)))
+        return tfe.protocol.pond.PondPrivateTensor(self.protocol, *shares, True)
+
+    def _answer_on_servers(self, bucket, requests, take_next, given_keys, given_batches, lot, queues):
         protocol, tables = self.protocol, self.tables
         with tf.device(protocol.server_0.device_name):
             keys, batches = tf.cond(
@@ -136,7 +156,7 @@ class SecureModel:
         complete = self._complete(tables, keys, batches)
         with tf.device(protocol.server_0.device_name):
             answer = tf.logical_and(fits, tf.reduce_any(complete))
-            answered = tf.cond(answer, lambda: self._compute(bucket, tables, keys, batches, complete),
+            answered = tf.cond(answer, lambda: self._compute(bucket, tables, keys, batches, complete, lot, queues),
                                lambda: tf.constant(False))
         self._publish(bucket, tf.compat.v1.get_default_graph())
         return keys, batches, answered
@@ -203,8 +223,10 @@ class SecureModel:
         """
         with tf.init_scope():  # runs now, on this process and server0, not as part of the computation
             # The queries' keys and sizes are the only tensors of unknown size: at most one per image.
+            dealing = self.lots(bucket).dealing.get_concrete_function().graph  # before the query, but its bytes count
             self.costs[bucket] = {"plaintext_seconds": self._plaintext_seconds(bucket),
-                                  "servers_bytes": sum(crossings(graph, largest=bucket).values())}
+                                  "servers_bytes": sum(crossings(graph, largest=bucket).values())
+                                  + sum(crossings(dealing).values())}
             self.published.write(json.dumps(self.costs))
 
     def _plaintext_seconds(self, bucket: int) -> Optional[float]:
@@ -220,7 +242,7 @@ class SecureModel:
             seconds.append(time.perf_counter() - start)
         return float(np.median(seconds))
 
-    def _compute(self, bucket, tables, keys, batches, complete):
+    def _compute(self, bucket, tables, keys, batches, complete, lot, queues):
         """Answer the complete queries among ``keys`` in one secure computation; refuse the others.
 
         Each server reads its rows of the complete queries' shares from its table, removes everything of
@@ -244,7 +266,8 @@ class SecureModel:
                     padded = tf.pad(found, [[0, bucket - images], [0, 0]])
                 shares.append(factory.tensor(tf.reshape(padded, (bucket,) + IMAGE_SHAPE)))
         x = tfe.protocol.pond.PondPrivateTensor(protocol, shares[0], shares[1], True)
-        y = self.network(x).unwrapped
+        with self.lots(bucket).taking(lot, queues):  # material dealt before this query, taken from the servers' queues
+            y = self.network(x).unwrapped
         said = []
         for table, share in zip(tables, y):
             with tf.device(table.device):
@@ -285,7 +308,17 @@ class SecureModel:
         """
         self.network = None
         self._answer_functions.clear()
+        try:  # the lots dealt ahead take memory on the servers: freed now, while they are there
+            bounded(self._empty_lots, timeout=QUICK_CALL_SECONDS, message="", watches=[self.servers.check])
+        except (tf.errors.OpError, TimeoutError, ServerUnreachableError):
+            pass  # the servers are gone, or silent: nothing to free, or it goes when they stop
+        self._lots.clear()
         gc.collect()
+
+    def _empty_lots(self) -> None:
+        self.stock.close()
+        for lots in self._lots.values():
+            lots.close()
 
 
 class _Session:
@@ -297,6 +330,9 @@ class _Session:
         self.dropped = 0  # requests with no shares behind them
         self.backlog = deque()  # requests (key, batch) taken from the queue together, not answered yet
         self._incoming: Optional[BackgroundCall] = None
+        # The bucket of a computation whose outcome is not read yet (the request awaited, or a group answered):
+        # if the session ends then, it may have taken its lot on some servers only.
+        self._unread: Optional[int] = None
         self.bucket = 1  # of the queries answered last: a request of that size is answered on arrival
         self._stopped = threading.Event()
         self._interrupted = threading.Event()  # set by Ctrl-C while serving (_interrupt_ends_serving)
@@ -364,6 +400,8 @@ class _Session:
             except (tf.errors.OpError, TimeoutError, AttributeError):
                 pass  # a server is gone: clients will notice that too
         self._heartbeat.join(2.0)
+        if self._unread is not None:  # left running, or its outcome never read: did it take its lot?
+            self.model.stock.unsure(self._unread)
 
     def run(self, num_requests: Optional[int], timeout: Optional[float], until_done: bool) -> Served:
         of_total = "" if num_requests is None else f"/{num_requests}"
@@ -423,6 +461,7 @@ class _Session:
                 raise error
             self._check_interrupt()
             time.sleep(0.2)
+        self.model.stock.all_unsure()  # a computation cut by the outage may have taken its lot on some servers only
         self.report(f"{error.name} answers again: serving goes on.")
 
     def _next(self, timeout: Optional[float]):
@@ -442,7 +481,11 @@ class _Session:
                     return outcomes
                 continue
             if self._incoming is None:
+                # A lot of material waits for the next query (dealing.py), and another is dealt while it comes.
+                self._call(self.model.stock.top_up, self.bucket)
+                self._unread = self.bucket
                 self._incoming = self._listen()
+                self.model.stock.deal_ahead(self.bucket)
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 keys, batches, answered = wait_for(self._incoming, wait, "", watches=[self.check_lease])
@@ -450,11 +493,19 @@ class _Session:
                 raise TimeoutError(f"No private query arrived within {timeout:.0f} s. Run the client "
                                    "(notebook 03) while this one serves.") from None
             except tf.errors.OpError as error:
+                self.model.stock.unsure(self._unread)
+                self._unread = None
+                if MISMATCH in error.message:  # the size gets new queues before its next query (dealing.Stock)
+                    self.report("A query failed: the servers' material was out of step after an earlier "
+                                "computation was cut short. Its client gets no answer and may ask again.")
+                    continue
                 raise self.model.servers.explain(error) from None
             finally:
                 if self._incoming is not None and self._incoming.done():
                     self._incoming = None
+            bucket, self._unread = self._unread, None
             if answered:
+                self.model.stock.used(bucket)
                 return self._answered(keys, batches)
             # Not answered on arrival: take it here, with every request queued behind it, in one call.
             self.backlog.extend(list(zip(keys, batches)) + self._call(take_waiting, self.requests))
@@ -463,9 +514,10 @@ class _Session:
         """Wait for the next request, on the servers, which answer it at once if it is of the size answered
         last (as a client asking again mostly is); otherwise it comes here, to be taken below."""
         function = self.model._answer_function(self.bucket)
+        lot, queues = tf.constant(self.model.stock.next(self.bucket), tf.int64), self.model.lots(self.bucket).handles()
 
         def listen():
-            keys, batches, answered = function(self.requests.handle, tf.constant(True), *NO_QUERIES)
+            keys, batches, answered = function(self.requests.handle, tf.constant(True), *NO_QUERIES, lot, queues)
             return keys.numpy().tolist(), batches.numpy().tolist(), bool(answered)
         return BackgroundCall(listen, name="waiting for a request")
 
@@ -498,11 +550,19 @@ class _Session:
         keys, batches = [key for key, _ in group], [batch for _, batch in group]
         bucket = bucket_of(sum(batches))
         function = self.model._answer_function(bucket)
+        self._call(self.model.stock.top_up, bucket)  # the query takes a lot dealt before (dealing.py)
+        self._unread = bucket
         try:
-            self._call(function, self.requests.handle, tf.constant(False), tf.constant(keys, tf.int64),
-                       tf.constant(batches, tf.int64))
+            lot = tf.constant(self.model.stock.next(bucket), tf.int64)
+            _, _, answered = self._call(function, self.requests.handle, tf.constant(False), tf.constant(keys, tf.int64),
+                                        tf.constant(batches, tf.int64), lot, self.model.lots(bucket).handles())
         except tf.errors.OpError as error:  # this computation's failure; the service goes on
+            self.model.stock.unsure(bucket)
+            self._unread = None
             return [self._refuse(keys, f"failed ({error.message.splitlines()[0][:200]})")]
+        self._unread = None
+        if bool(answered):
+            self.model.stock.used(bucket)
         return self._answered(keys, batches)
 
     def _answered(self, keys, batches):

@@ -26,6 +26,7 @@ from tf_encrypted.operations import secure_random
 from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 
 from ._tf import tf
+from .dealing import dealing_only, material
 from .masking import WORDS, open_masked, uniform
 
 # The words' types: the servers' shares are 64-bit; the tests also run the same code on 8-bit words.
@@ -97,19 +98,30 @@ def truncate(protocol, x: PondPrivateTensor, bound_bits: int, divisor: int) -> P
     shift = offset(bound_bits, divisor)
     servers = (protocol.server_0.device_name, protocol.server_1.device_name)
     with tf.name_scope("truncate-uniform"):
-        with tf.device(protocol.server_2.device_name):
-            seeds = [{name: secure_random.secure_seed() for name in ("r", "quotient", "wrap")},
-                     {"r": secure_random.secure_seed()}]
-            r = uniform(shape, seeds[0]["r"], *WORDS) + uniform(shape, seeds[1]["r"], *WORDS)
-            sent = deal_wrap_material(r, divisor, seeds[0], shape)
-        masked, held = [], []
+        def deal():
+            """server2's r, as shares grown from seeds, and shares of r_q and h: server0's grown, server1's sent."""
+            with tf.device(protocol.server_2.device_name):
+                seeds = [{name: secure_random.secure_seed() for name in ("r", "quotient", "wrap")},
+                         {"r": secure_random.secure_seed()}]
+                r = uniform(shape, seeds[0]["r"], *WORDS) + uniform(shape, seeds[1]["r"], *WORDS)
+                sent = deal_wrap_material(r, divisor, seeds[0], shape)
+            kept = []
+            for i, device in enumerate(servers):
+                with tf.device(device):
+                    kept.append({"r": uniform(shape, seeds[i]["r"], *WORDS),
+                                 "wrap": seeded_wrap_shares(seeds[0], shape) if i == 0 else
+                                 tuple(tf.identity(s) for s in sent)})
+            return kept
+        dealt = material(deal)
+        if dealing_only():
+            return x
+        masked = []
         for i, (device, share) in enumerate(zip(servers, x.unwrapped)):
             with tf.device(device):
-                held.append(seeded_wrap_shares(seeds[0], shape) if i == 0 else tuple(tf.identity(s) for s in sent))
-                masked.append(share.value + uniform(shape, seeds[i]["r"], *WORDS) + (shift if i == 0 else 0))
+                masked.append(share.value + dealt[i]["r"] + (shift if i == 0 else 0))
         out = []
         for i, device in enumerate(servers):
             with tf.device(device):
                 parts = quotient_parts(open_masked(protocol, *masked), shift, divisor)
-                out.append(protocol.tensor_factory.tensor(quotient_share(i, parts, *held[i])))
+                out.append(protocol.tensor_factory.tensor(quotient_share(i, parts, *dealt[i]["wrap"])))
     return PondPrivateTensor(protocol, out[0], out[1], x.is_scaled)
