@@ -186,3 +186,30 @@ def test_a_pulled_cable_at_any_server_is_named_to_the_waiting_client_and_serving
         cable(network, server, "up")
         client.close()
         serving.stop()
+
+
+def test_a_cable_pulled_while_the_servers_deal_ahead_and_serving_again_answers(network, servers_on_hosts, expected):
+    # After a query, the servers deal the next one's material while they wait (dealing.py): the cable goes
+    # while server1 is passing it on. Once it is back, the connection it cut fails its next message, and
+    # the serve command started again failed while sharing the model, until the links are tried first
+    # (protocol.links_ready).
+    serving = start_serving_process(servers_on_hosts, launcher=network.launcher("owner"))
+    client = Client(network, servers_on_hosts)
+    try:
+        client.ask(64)
+        assert client.read(60).get("argmax") == expected[:64]
+        cable(network, "server1", "down")
+        went_silent = time.monotonic()
+        code, output = serving_exit(serving, NOTICED_WITHIN + 5)
+        assert code != 0 and "serving stopped: server1" in output, output
+        time.sleep(max(0.0, 20 - (time.monotonic() - went_silent)))  # down for 20 s
+        cable(network, "server1", "up")
+        serving = start_serving_process(servers_on_hosts, launcher=network.launcher("owner"), timeout=60)
+        client.close()
+        client = Client(network, servers_on_hosts)
+        client.ask(1)
+        assert client.read(60).get("argmax") == expected[:1]
+    finally:
+        cable(network, "server1", "up")
+        client.close()
+        serving.stop()

@@ -18,6 +18,7 @@ from .config import ClusterConfig
 from .data import IMAGE_SHAPE
 from .dealing import HANDLES, MISMATCH, NUMBER, Lots, Stock
 from .network import SecretNetwork
+from .protocol import links_ready
 from .queues import (BATCH_BUCKETS, MAX_BATCH_SIZE, NOBODY, PIXELS, REFUSED, REQUEST_DTYPES, SERVING_SILENCE,
                      PublishedCosts, ServingLease, bucket_of, request_queue, row_keys, server_tables,
                      someone_serves, take_waiting)
@@ -462,6 +463,7 @@ class _Session:
             self._check_interrupt()
             time.sleep(0.2)
         self.model.stock.all_unsure()  # a computation cut by the outage may have taken its lot on some servers only
+        self._call(links_ready, self.model.protocol)  # a link the outage broke fails once, then reconnects
         self.report(f"{error.name} answers again: serving goes on.")
 
     def _next(self, timeout: Optional[float]):
