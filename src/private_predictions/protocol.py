@@ -76,7 +76,7 @@ def links_ready(protocol) -> None:
     deadline = time.monotonic() + LINKS_SECONDS
     while True:
         try:
-            bounded(_across_links, protocol, timeout=LINKS_SECONDS,
+            bounded(_across_links, protocol, timeout=max(0.5, deadline - time.monotonic()),
                     message=f"The servers did not pass a number to each other within {LINKS_SECONDS:.0f} s.")
             return
         except tf.errors.UnavailableError:
