@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from tf_encrypted.protocol.pond.pond import PondPrivateTensor
+from conftest import shared
 
 from private_predictions import LocalCluster, connect, load_logits_model, load_mnist, share_model
 from private_predictions._tf import tf
@@ -148,13 +148,10 @@ def test_two_queries_of_the_same_images_open_different_values_and_a_third_withou
 
     @tf.function(input_signature=[NUMBER])
     def query(number):
-        shares = []
-        for share, server in ((np.zeros_like(encoded), protocol.server_0), (encoded, protocol.server_1)):
-            with tf.device(server.device_name):
-                shares.append(protocol.tensor_factory.tensor(tf.constant(share)))
+        image = shared(protocol, encoded, scaled=True)
         opened.clear()  # what the dealing's own trace recorded
         with lots.taking(number, lots.handles()):
-            logits = secure_model.network(PondPrivateTensor(protocol, *shares, True))
+            logits = secure_model.network(image)
         masked = [tf.reshape(value, [-1]) for value in opened if value.dtype == tf.int64]
         return logits.reveal().to_native(), masked  # (the answer opened here for the test: not masked)
 
@@ -223,12 +220,9 @@ def test_a_query_whose_lot_was_taken_on_one_server_only_fails_before_opening_and
 
     @tf.function(input_signature=[NUMBER, HANDLES])
     def query(number, queues):
-        shares = []
-        for share, server in ((np.zeros_like(encoded), protocol.server_0), (encoded, protocol.server_1)):
-            with tf.device(server.device_name):
-                shares.append(protocol.tensor_factory.tensor(tf.constant(share)))
+        image = shared(protocol, encoded, scaled=True)
         with lots.taking(number, queues):
-            return secure_model.network(PondPrivateTensor(protocol, *shares, True)).reveal().to_native()
+            return secure_model.network(image).reveal().to_native()
 
     try:
         stock.top_up(1)
