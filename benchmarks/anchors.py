@@ -112,12 +112,12 @@ def measuring_calls(role, config, x_test):
 
 def main(argv):
     role, config_path = argv[0], argv[1]
-    from private_predictions import load_logits_model, load_mnist
+    from private_predictions import load_logits_model, load_mnist_test
     from private_predictions._tf import tfe
     from private_predictions.config import ClusterConfig
 
     config = ClusterConfig.load(config_path)
-    (_, _), (x_test, _) = load_mnist()
+    x_test, _ = load_mnist_test()
     if role == "stock-serve":
         protocol = stock_protocol(config)
         model = tfe_keras_model(protocol, load_logits_model())

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from private_predictions import LocalCluster, PrivateClient, load_logits_model, load_mnist
+from private_predictions import LocalCluster, PrivateClient, load_logits_model, load_mnist_test
 from private_predictions.client import Card
 from private_predictions.tooling import start_serving_process
 from private_predictions._tf import tf
@@ -97,7 +97,7 @@ def main(argv=None):
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
 
-    (_, _), (x_test, y_test) = load_mnist()
+    x_test, y_test = load_mnist_test()
     plaintext_model = load_logits_model()
     plaintext_call = tf.function(lambda x: plaintext_model(x))
     results = {"machine": {"python": platform.python_version(), "tensorflow": tf.__version__,

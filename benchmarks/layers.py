@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tf_encrypted.protocol.pond.pond import PondPrivateTensor
 
-from private_predictions import LocalCluster, connect, load_logits_model, load_mnist, share_model
+from private_predictions import LocalCluster, connect, load_logits_model, load_mnist_test, share_model
 from private_predictions._tf import tf
 from private_predictions.traffic import crossings
 
@@ -71,7 +71,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    (_, _), (x_test, _) = load_mnist()
+    x_test, _ = load_mnist_test()
     results = {}
     with LocalCluster.start(config_path=output / "layers-cluster.json") as cluster:
         protocol = connect(cluster.config)

@@ -1,12 +1,15 @@
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 
-from private_predictions.data import DatasetError, load_mnist
+from private_predictions.data import DatasetError, load_mnist, load_mnist_test
 from private_predictions.series import NOTEBOOK_DIR, NOTEBOOK_STAGES, execute_stage
 
 
@@ -24,11 +27,33 @@ def test_mnist_is_the_canonical_set():
     assert 0.0 <= x_train.min() and x_train.max() == 1.0
 
 
-def test_damaged_mnist_is_refused(tmp_path):
+def test_the_test_set_alone_is_the_same_and_leaves_the_training_images_unread():
+    (_, _), (x_test, y_test) = load_mnist()
+    x_alone, y_alone = load_mnist_test()
+    assert np.array_equal(x_alone, x_test) and np.array_equal(y_alone, y_test)
+    # The training images take 47 MB as read and 188 MB as the model's floats: a process that loads the
+    # test set alone (a client, the benchmark) never holds them, even for a moment.
+    grew = subprocess.run([sys.executable, "-c", MEMORY_GROWTH], capture_output=True, text=True, check=True)
+    assert int(grew.stdout) < 100 * 2**20, grew.stdout
+
+
+MEMORY_GROWTH = """
+import re
+def peak():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+from private_predictions.data import load_mnist_test
+before = peak()
+load_mnist_test()
+print(peak() - before)
+"""
+
+
+@pytest.mark.parametrize("load", [load_mnist, load_mnist_test])
+def test_damaged_mnist_is_refused(tmp_path, load):
     damaged = tmp_path / "mnist.npz"
     damaged.write_bytes(b"not mnist")
     try:
-        load_mnist(damaged)
+        load(damaged)
     except DatasetError as error:
         assert "SHA-256" in str(error)
     else:

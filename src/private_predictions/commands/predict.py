@@ -9,7 +9,7 @@ import json
 import sys
 
 from ..client import PrivateClient
-from ..data import load_mnist
+from ..data import load_mnist_test
 
 
 def main(argv=None) -> None:
@@ -19,7 +19,7 @@ def main(argv=None) -> None:
     parser.add_argument("--count", type=int, default=5, help="how many images, one query each")
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
-    (_, _), (x_test, y_test) = load_mnist()
+    x_test, y_test = load_mnist_test()
     client = PrivateClient.connect(args.card, timeout=args.timeout, say=lambda line: print(line, file=sys.stderr))
     for index in range(args.first, args.first + args.count):
         logits = client.predict_logits(x_test[index:index + 1], timeout=args.timeout)[0]
