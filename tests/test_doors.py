@@ -137,11 +137,14 @@ def test_malformed_and_oversized_requests_are_refused_at_the_door(cluster, servi
         assert time.monotonic() - start < 1.0, what
 
 
-def test_one_share_alone_is_refused_and_holds_up_nobody(cluster, serving, tmp_path, x_test):
+def test_one_share_alone_at_server0s_door_is_refused_removed_and_holds_up_nobody(cluster, serving, tmp_path,
+                                                                                 x_test):
     lone = card_for(cluster, tmp_path, "fede")
     client = PrivateClient(card_for(cluster, tmp_path, "gala"))
     client.predict_logits(x_test[:1])
     metadata = query_metadata(lone)
+    key = query_key(digest(lone.token), metadata[1][1], metadata[2][1])
+    hand = Hand(cluster.config_path)
     caught = []
     alone = threading.Thread(target=lambda: caught.append(refusal(lambda: raw_call(
         lone, "server0", np.zeros((1, 28, 28, 1), "<i8").tobytes(), metadata))))
@@ -156,6 +159,7 @@ def test_one_share_alone_is_refused_and_holds_up_nobody(cluster, serving, tmp_pa
         alone.join(30)
     assert caught and caught[0].code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "did not receive the other share" in caught[0].details()
+    wait_until(lambda: hand.staged(key) == [-1, -1], 5, "a server kept the share server0's door refused")
 
 
 def test_slow_senders_hold_up_nobody(cluster, serving, tmp_path, x_test):
