@@ -129,6 +129,10 @@ class SecureModel:
                 self._lots[bucket] = Lots(lambda: self.network(self._zero_images(bucket)), party)
         return self._lots[bucket]
 
+    def lot_to_take(self, bucket: int):
+        """What the next query of this bucket takes (dealing.py): its lot's number, and the servers' queues."""
+        return tf.constant(self.stock.next(bucket), tf.int64), self.lots(bucket).handles()
+
     def _zero_images(self, bucket: int):
         shares = []
         for server in (self.protocol.server_0, self.protocol.server_1):
@@ -516,7 +520,7 @@ class _Session:
         """Wait for the next request, on the servers, which answer it at once if it is of the size answered
         last (as a client asking again mostly is); otherwise it comes here, to be taken below."""
         function = self.model._answer_function(self.bucket)
-        lot, queues = tf.constant(self.model.stock.next(self.bucket), tf.int64), self.model.lots(self.bucket).handles()
+        lot, queues = self.model.lot_to_take(self.bucket)
 
         def listen():
             keys, batches, answered = function(self.requests.handle, tf.constant(True), *NO_QUERIES, lot, queues)
@@ -555,9 +559,8 @@ class _Session:
         self._call(self.model.stock.top_up, bucket)  # the query takes a lot dealt before (dealing.py)
         self._unread = bucket
         try:
-            lot = tf.constant(self.model.stock.next(bucket), tf.int64)
             _, _, answered = self._call(function, self.requests.handle, tf.constant(False), tf.constant(keys, tf.int64),
-                                        tf.constant(batches, tf.int64), lot, self.model.lots(bucket).handles())
+                                        tf.constant(batches, tf.int64), *self.model.lot_to_take(bucket))
         except tf.errors.OpError as error:  # this computation's failure; the service goes on
             self.model.stock.unsure(bucket)
             self._unread = None
