@@ -136,7 +136,7 @@ def shared(protocol, values, scaled=False):
 def _staged(table, key, batch, rows):
     from private_predictions._tf import tf
     with tf.device(table.device):
-        with tf.control_dependencies([table.put_share(key, batch, rows)]):
+        with tf.control_dependencies([table.put_shares(key[None], batch[None], rows)]):
             return tf.constant(True)
 
 

@@ -19,7 +19,8 @@ door).
 
 No call holds a thread while it waits. The door runs on grpc.aio: a call that waits for its partner's
 note or for its answer is a coroutine waiting for a future, which one thread per door resolves from the
-servers' notices (the answered queue, and on server0 the arrivals). The door's few TensorFlow calls that
+servers' notices (the answered queue, and on server0 the arrivals), taking all the notices there in one
+call and the answers of a group of queries answered together in one more. The door's TensorFlow calls that
 return at once (staging a share, reading the lease) run on a small pool of threads. A watch ends the
 waits that must end: serving stopped, a server fell silent (named to the client), or the call's time ran
 out; a client that leaves cancels its coroutine.
@@ -50,7 +51,8 @@ from .config import ClusterConfig
 from .data import IMAGE_SHAPE
 from .protocol import tfe_config
 from .queues import (CLASSES, MAX_BATCH_SIZE, NO_PARTNER, NOBODY, PIXELS, REFUSED, REQUEST_DTYPES, SERVING_SILENCE,
-                     PublishedCosts, ServerTables, ServingLease, arrivals_queue, bucket_of, query_key, request_queue)
+                     PublishedCosts, ServerTables, ServingLease, all_waiting, arrivals_queue, bucket_of, query_key,
+                     request_queue)
 from .watch import ServerWatch
 
 PARTNER_SECONDS = 10.0  # how long server0's door waits for server1's to say the other share is in
@@ -102,24 +104,24 @@ class _Servers:
             tables = [ServerTables(device, i) for i, device in enumerate(devices)]
             own = tables[index]
             self.key = tf.compat.v1.placeholder(tf.int64, ())
-            self.batch = tf.compat.v1.placeholder(tf.int64, ())
             self.rows = tf.compat.v1.placeholder(tf.int64, (None, PIXELS))
+            self.keys = tf.compat.v1.placeholder(tf.int64, (None,))
+            self.batches = tf.compat.v1.placeholder(tf.int64, (None,))
             with tf.device(own.device):
-                staged = own.put_share(self.key, self.batch, self.rows)
-                self.take_answer = own.take_answer(self.key, self.batch)
-                self.drop = own.forget(self.key[None])
-                self.notice = queue_ops.queue_dequeue_v2(own.answered, [tf.int64, tf.int64])
+                self.take_answers = own.take_answers(self.keys, self.batches)
+                self.notices = own.notices()
             with tf.device(devices[0]):
                 self.lease = ServingLease(devices[0])._current()
                 self.published = PublishedCosts(devices[0]).current()
                 arrivals = arrivals_queue(devices[0])
             if index == 1:
-                with tf.device(devices[0]), tf.control_dependencies([staged]):  # the note after the share
-                    self.stage = queue_ops.queue_enqueue_v2(arrivals, [self.key, self.batch])
-            else:
-                self.stage = staged
+                with tf.device(own.device):
+                    staged = own.put_shares(self.keys, self.batches, self.rows)
+                with tf.device(devices[0]), tf.control_dependencies([staged]):  # the notes after the shares
+                    self.stage = queue_ops.queue_enqueue_many_v2(arrivals, [self.keys, self.batches])
+            else:  # server0's door stages its shares with their requests (request())
                 with tf.device(devices[0]):
-                    self.arrival = queue_ops.queue_dequeue_v2(arrivals, [tf.int64, tf.int64])
+                    self.arrivals = all_waiting(arrivals)
                 # Forget a query on both servers; tell server1's door there is no partner (rollback).
                 forgotten = [tables[0].forget(self.key[None])]
                 with tf.device(devices[1]):
@@ -128,7 +130,7 @@ class _Servers:
                         self.no_partner = tables[1].say(self.key[None], tf.constant([NO_PARTNER], tf.int64))
                 self.forget_both = tf.group(*forgotten)
         self.session = tf.compat.v1.Session(target, graph=graph)
-        self._requests: Dict[str, tuple] = {}  # serving session -> (session, enqueue), the current one only
+        self._requests: Dict[str, tuple] = {}  # serving session -> (session, its ops), the current one only
         self._requests_lock = threading.Lock()
         self.target, self.players = target, players
 
@@ -139,20 +141,67 @@ class _Servers:
         """A dequeue that waits as long as it takes: for a dispatcher's thread only."""
         return self.session.run(fetch)
 
-    def request(self, owner: str, key: int, batch: int) -> None:
-        """Put the request (key, batch) in the queue of serving side ``owner`` (batch 0: a goodbye)."""
+    def request(self, owner: str, keys, batches, rows=None) -> None:
+        """Put the requests (keys, batches) in the queue of serving side ``owner``; with ``rows``, server0's
+        shares of them (one after another) are staged first, in the same call. A batch of 0: a goodbye."""
         with self._requests_lock:
             if owner not in self._requests:
                 graph = tf.Graph()
                 with graph.as_default():
-                    key_, batch_ = (tf.compat.v1.placeholder(tf.int64, ()) for _ in range(2))
+                    keys_, batches_ = (tf.compat.v1.placeholder(tf.int64, (None,)) for _ in range(2))
+                    rows_ = tf.compat.v1.placeholder(tf.int64, (None, PIXELS))
                     with tf.device(self.server0):
-                        put = queue_ops.queue_enqueue_v2(request_queue(self.players, owner).handle, [key_, batch_])
+                        queue = request_queue(self.players, owner).handle
+                        put = queue_ops.queue_enqueue_many_v2(queue, [keys_, batches_])
+                        with tf.control_dependencies([ServerTables(self.server0, 0).put_shares(keys_, batches_, rows_)]):
+                            staged = queue_ops.queue_enqueue_many_v2(queue, [keys_, batches_])
                 for old in self._requests.values():
                     old[0].close()
-                self._requests = {owner: (tf.compat.v1.Session(self.target, graph=graph), key_, batch_, put)}
-            session, key_, batch_, put = self._requests[owner]
-        session.run(put, {key_: key, batch_: batch}, options=tf.compat.v1.RunOptions(timeout_in_ms=RUN_MS))
+                self._requests = {owner: (tf.compat.v1.Session(self.target, graph=graph), keys_, batches_, rows_,
+                                          put, staged)}
+            session, keys_, batches_, rows_, put, staged = self._requests[owner]
+        feed = {keys_: keys, batches_: batches}
+        if rows is not None:
+            feed[rows_] = rows
+        session.run(put if rows is None else staged, feed, options=tf.compat.v1.RunOptions(timeout_in_ms=RUN_MS))
+
+
+class _Together:
+    """Calls of one kind that come while one runs wait, then run as one: the shares of a class's queries that
+    arrive together are staged in a few TensorFlow calls, not one each, and the lease is read once for them. A
+    call that comes while none runs runs at once, so a lone query waits for nothing; one that comes while
+    one runs waits for the next, which starts after it came."""
+
+    def __init__(self, door: "Door", run):
+        self.door, self.run = door, run  # run(items) makes the call, for all of them; each caller gets its result
+        self._waiting = []  # (item, future)
+        self._running = False
+
+    async def __call__(self, item):
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if not self._running:
+            self._running = True
+            asyncio.ensure_future(self._run_waiting())
+        return await future
+
+    async def _run_waiting(self) -> None:
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting, []
+                try:
+                    result = await self.door._quick(self.run, [item for item, _ in group])
+                except Exception as error:  # noqa: BLE001  (each caller gets it)
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(error)
+                else:
+                    for _, future in group:
+                        if not future.done():
+                            future.set_result(result)
+                del group  # the shares in it are staged: nothing here holds them
+        finally:
+            self._running = False
 
 
 class _Wait:
@@ -175,6 +224,8 @@ class Door:
         players = SimpleNamespace(server_0=players.get_player("server0"), server_1=players.get_player("server1"))
         self.servers = _Servers(target, players, self.index)
         self.pool = ThreadPoolExecutor(QUICK_THREADS, thread_name_prefix=f"{server}-door")
+        self._stage = _Together(self, self._stage_now)
+        self._serving_lease = _Together(self, lambda _: self._serving_now())
         self.key, self.certificate = make_certificate(server)
         self.address = config.door_address(server)
         path = certificate_path(Path(config_path).parent, server)
@@ -213,8 +264,8 @@ class Door:
         started.wait()
         if failure:
             raise failure[0]
-        for name, fetch, handle in ((f"{self.name}-door answers", self.servers.notice, self._answered),) + (
-                ((f"{self.name}-door arrivals", self.servers.arrival, self._arrived),) if self.index == 0 else ()):
+        for name, fetch, handle in ((f"{self.name}-door answers", self.servers.notices, self._answered),) + (
+                ((f"{self.name}-door arrivals", self.servers.arrivals, self._arrived),) if self.index == 0 else ()):
             threading.Thread(target=self._dispatch, args=(fetch, handle), name=name, daemon=True).start()
         return self
 
@@ -240,25 +291,67 @@ class Door:
         return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
 
     def _dispatch(self, fetch, handle) -> None:
-        """A thread that takes the server's notices one by one, and hands each to the event loop."""
+        """A thread that takes the server's notices, all those there at once, and hands them to the event loop."""
         while True:
             try:
-                key, value = self.servers.wait(fetch)
+                keys, values = self.servers.wait(fetch)
             except tf.errors.OpError:  # the server is going away
                 return
-            self.loop.call_soon_threadsafe(handle, int(key), int(value))
+            self.loop.call_soon_threadsafe(handle, keys.tolist(), values.tolist())
 
-    def _answered(self, key: int, outcome: int) -> None:
-        """The serving side answered query ``key`` (``outcome``: its batch size), or did not (REFUSED, ...)."""
-        self._taken.pop(key, None)
-        wait = self._waits.pop(key, None)
-        if wait is not None and not wait.future.done():
-            wait.future.set_result(outcome)
-        elif key in self._known and outcome > 0:  # its client left: nobody collects the answer
-            asyncio.ensure_future(self._quick(self.servers.run, self.servers.drop, {self.servers.key: key}))
+    def _stage_now(self, queries) -> None:
+        """Stage these queries' shares [(owner, key, batch, rows)] in one call: at server1's door with its notes to
+        server0's door; at server0's door with their requests, in one call for each serving side."""
+        def rows_of(some):  # a lone query's rows as they came, without a copy
+            return some[0][3] if len(some) == 1 else np.concatenate([rows for *_, rows in some])
 
-    def _arrived(self, key: int, batch: int) -> None:
-        """server1's door staged its share of query ``key`` (server0's door only)."""
+        if self.index == 1:
+            self.servers.run(self.servers.stage, {self.servers.keys: [key for _, key, _, _ in queries],
+                                                  self.servers.batches: [batch for _, _, batch, _ in queries],
+                                                  self.servers.rows: rows_of(queries)})
+            return
+        for owner in dict.fromkeys(owner for owner, *_ in queries):
+            theirs = [query for query in queries if query[0] == owner]
+            self.servers.request(owner, [key for _, key, _, _ in theirs], [batch for _, _, batch, _ in theirs],
+                                 rows_of(theirs))
+
+    def _answered(self, keys, outcomes) -> None:
+        """The serving side answered queries ``keys`` (``outcomes``: their batch sizes), or did not (REFUSED, ...).
+        The answers of all of them are taken from the server in one call (a class's come together)."""
+        taking = []
+        for key, outcome in zip(keys, outcomes):
+            self._taken.pop(key, None)
+            wait = self._waits.pop(key, None)
+            if outcome > 0 and key in self._known:  # its answer is taken, even if its client left: nothing stays
+                taking.append((key, outcome, wait))
+            elif wait is not None and not wait.future.done():
+                wait.future.set_result((outcome, None))
+        if taking:
+            asyncio.ensure_future(self._take(taking))
+
+    async def _take(self, taking) -> None:
+        """Take the answers of queries ``taking`` [(key, batch, wait)] in one call; hand each its own rows."""
+        try:
+            rows = await self._quick(self.servers.run, self.servers.take_answers,
+                                     {self.servers.keys: [key for key, _, _ in taking],
+                                      self.servers.batches: [batch for _, batch, _ in taking]})
+        except tf.errors.OpError as error:
+            for _, _, wait in taking:
+                if wait is not None and not wait.future.done():
+                    wait.future.set_exception(error)
+            return
+        first = 0
+        for _, batch, wait in taking:
+            if wait is not None and not wait.future.done():
+                wait.future.set_result((batch, rows[first:first + batch]))
+            first += batch
+
+    def _arrived(self, keys, batches) -> None:
+        """server1's door staged its shares of queries ``keys`` (server0's door only)."""
+        for key, batch in zip(keys, batches):
+            self._arrived_one(key, batch)
+
+    def _arrived_one(self, key: int, batch: int) -> None:
         waiting = self._note_waits.pop(key, None)
         if key in self._refused:
             asyncio.ensure_future(self._roll_back(key))
@@ -290,7 +383,7 @@ class Door:
     async def _serving(self) -> str:
         """The serving side's session, or refuse: nobody serves the model now."""
         try:
-            owner = await self._quick(self._serving_now)
+            owner = await self._serving_lease(None)
         except tf.errors.OpError:
             owner = None
         if owner is None:
@@ -316,7 +409,7 @@ class Door:
         while True:
             await asyncio.sleep(WATCH_SECONDS)
             try:
-                owner = await self._quick(self._serving_now)
+                owner = await self._serving_lease(None)
             except tf.errors.OpError:
                 owner = self._owner  # server0 unreachable: the probe names it
             if time.monotonic() >= next_probe:
@@ -420,7 +513,7 @@ class Door:
         try:
             _, _, key, _ = self._check(context, "done")
             owner = await self._serving()
-            await self._quick(self.servers.request, owner, key, 0)
+            await self._quick(self.servers.request, owner, [key], [0])
         except _Refusal as refusal:
             await context.abort(refusal.code, str(refusal))
         except tf.errors.OpError:
@@ -438,8 +531,7 @@ class Door:
                 raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                                f"the share is not a batch of {batch} images of shape {IMAGE_SHAPE} in 64-bit words")
             entered = self._enter(token_digest, client_id)
-            feed = {self.servers.key: key, self.servers.batch: batch,
-                    self.servers.rows: np.frombuffer(request, dtype=WORD).reshape(batch, PIXELS)}
+            rows = np.frombuffer(request, dtype=WORD).reshape(batch, PIXELS)
             # Once staged, the share is not needed here: nothing this call leaves (a refusal's traceback,
             # kept until the garbage collector finds its cycle) may hold it.
             del request
@@ -450,27 +542,27 @@ class Door:
                     raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                                    f"server1's door was sent a batch of {partner} images, this one {batch}")
                 answer = self._wait_for(key, owner)
-                await self._quick(self.servers.run, self.servers.stage, feed)
-                del feed
                 try:
-                    await self._quick(self.servers.request, owner, key, batch)
-                except tf.errors.OpError:
+                    await self._stage((owner, key, batch, rows))  # and the request, in the same call
+                except tf.errors.CancelledError:  # the request queue is closed
                     raise _serving_stopped("the serving side stopped") from None
+                finally:
+                    del rows
                 taken = True
                 self._taken[key] = owner
             else:
                 answer = self._wait_for(key, owner)
-                await self._quick(self.servers.run, self.servers.stage, feed)
-                del feed
-            outcome = await answer
+                try:
+                    await self._stage((owner, key, batch, rows))
+                finally:
+                    del rows
+            outcome, found = await answer
             if outcome == NO_PARTNER:
                 raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"server0's door did not receive the other "
                                f"share within {PARTNER_SECONDS:.0f} s; send one share to each door")
             if outcome != batch:
                 raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                                f"the serving side refused it: the two shares are not a batch of {batch} images")
-            found = await self._quick(self.servers.run, self.servers.take_answer,
-                                      {self.servers.key: key, self.servers.batch: batch})
             return found.astype(WORD).tobytes()
         except _Refusal as refusal:
             why = refusal.code, str(refusal)

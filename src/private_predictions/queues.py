@@ -82,11 +82,12 @@ class ServerTables:
 
     # Graph ops on these tables (each made on the table's own device by the caller's tf.device scope).
 
-    def put_share(self, key, batch, rows):
-        """Stage a query's share: its rows first, then its batch size, which says the share is complete."""
-        inserted = gen_lookup_ops.lookup_table_insert_v2(self.shares, row_keys(key[None], batch[None]), rows)
+    def put_shares(self, keys, batches, rows):
+        """Stage queries' shares (their rows one after another): the rows first, then the batch sizes, which say
+        the shares are complete."""
+        inserted = gen_lookup_ops.lookup_table_insert_v2(self.shares, row_keys(keys, batches), rows)
         with tf.control_dependencies([inserted]):
-            return gen_lookup_ops.lookup_table_insert_v2(self.batches, key[None], batch[None])
+            return gen_lookup_ops.lookup_table_insert_v2(self.batches, keys, batches)
 
     def forget(self, keys):
         """Remove everything of queries ``keys`` from this server: shares, batch sizes, answers."""
@@ -94,15 +95,20 @@ class ServerTables:
                         gen_lookup_ops.lookup_table_remove_v2(self.batches, keys),
                         gen_lookup_ops.lookup_table_remove_v2(self.answers, all_rows(keys)))
 
-    def take_answer(self, key, batch):
-        """This server's share of a query's answer, removed from its table."""
-        keys = row_keys(key[None], batch[None])
+    def take_answers(self, keys, batches):
+        """This server's shares of the answers of queries ``keys`` (of ``batches`` images each), their rows in
+        order, removed from its table."""
+        keys = row_keys(keys, batches)
         rows = gen_lookup_ops.lookup_table_find_v2(self.answers, keys, tf.zeros([CLASSES], tf.int64))
         rows.set_shape([None, CLASSES])
         with tf.control_dependencies([rows]):
             removed = gen_lookup_ops.lookup_table_remove_v2(self.answers, keys)
         with tf.control_dependencies([removed]):
             return tf.identity(rows)
+
+    def notices(self):
+        """What this server's door was told (keys, outcomes): waits for one, then takes all the others there."""
+        return all_waiting(self.answered)
 
     def say(self, keys, outcomes):
         """Tell this server's door which queries were answered (their batch size) or not (REFUSED, ...)."""
@@ -118,6 +124,17 @@ class ServerTables:
 def server_tables(protocol) -> List[ServerTables]:
     return [ServerTables(server.device_name, index)
             for index, server in enumerate((protocol.server_0, protocol.server_1))]
+
+
+def all_waiting(queue):
+    """Two vectors, the pairs in ``queue`` (of two int64 scalars): waits for one pair, then takes every pair there
+    without waiting. For a queue only one caller dequeues from: then what the size says is there, is. A class's
+    notices come in dozens at once, and one call for all of them costs what one call for each would cost once."""
+    dtypes = [tf.int64, tf.int64]
+    first = gen_data_flow_ops.queue_dequeue_v2(queue, dtypes)
+    with tf.control_dependencies(first):
+        rest = gen_data_flow_ops.queue_dequeue_many_v2(queue, gen_data_flow_ops.queue_size_v2(queue), dtypes)
+    return [tf.concat([one[None], more], 0) for one, more in zip(first, rest)]
 
 
 def arrivals_queue(device0: str):
