@@ -658,7 +658,8 @@ def test_lone_shares_are_removed_so_the_servers_memory_stops_growing(tmp_path, x
 
 def test_a_doors_calls_that_come_while_one_runs_run_together_and_each_gets_its_result():
     # A class's shares arrive together: a door stages them (and reads the lease for them) in one TensorFlow
-    # call instead of one each. A lone call runs at once; a failure reaches every caller of its call only.
+    # call instead of one each. A lone call runs at once; a caller that left is not run; a failure reaches
+    # only the callers it failed (at server0's door, the queries of one serving side).
     import asyncio
     from private_predictions.door import _Together
 
@@ -671,7 +672,7 @@ def test_a_doors_calls_that_come_while_one_runs_run_together_and_each_gets_its_r
             assert release.wait(30), "the test never let the first call end"
         if "bad" in items:
             raise ValueError("a server failed")
-        return len(items)
+        return [ValueError("its serving side stopped") if item == "gone" else len(items) for item in items]
 
     class Door:
         async def _quick(self, function, *args):
@@ -681,17 +682,26 @@ def test_a_doors_calls_that_come_while_one_runs_run_together_and_each_gets_its_r
         together = _Together(Door(), run)
         first = asyncio.ensure_future(together("a"))
         assert await asyncio.get_running_loop().run_in_executor(None, started.wait, 30)
-        others = [asyncio.ensure_future(together(item)) for item in "bcd"]
+        others = [asyncio.ensure_future(together(item)) for item in "bcdx"]
         await asyncio.sleep(0)  # they are waiting now; the first call still runs
+        others.pop().cancel()  # x's caller leaves (its client went): x is not run
+        await asyncio.sleep(0)
         release.set()
         answers = [await first] + list(await asyncio.gather(*others))
         failed = await asyncio.gather(together("bad"), return_exceptions=True)
-        return answers, failed, await together("e")
+        fine, gone = asyncio.ensure_future(together("e")), asyncio.ensure_future(together("gone"))
+        try:
+            await gone
+            mixed = [await fine, "gone was answered"]
+        except ValueError as error:  # raised to its caller, not handed over as an answer
+            mixed = [await fine, error]
+        return answers, failed, mixed
 
-    answers, failed, after = asyncio.run(scenario())
-    assert runs == [["a"], ["b", "c", "d"], ["bad"], ["e"]]
-    assert answers == [1, 3, 3, 3] and after == 1
+    answers, failed, mixed = asyncio.run(scenario())
+    assert runs == [["a"], ["b", "c", "d"], ["bad"], ["e", "gone"]]
+    assert answers == [1, 3, 3, 3]
     assert isinstance(failed[0], ValueError)
+    assert mixed[0] == 2 and isinstance(mixed[1], ValueError)  # a failure is its own
 
 
 def test_a_door_takes_every_notice_there_in_one_call():

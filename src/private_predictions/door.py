@@ -173,7 +173,9 @@ class _Together:
     one runs waits for the next, which starts after it came."""
 
     def __init__(self, door: "Door", run):
-        self.door, self.run = door, run  # run(items) makes the call, for all of them; each caller gets its result
+        # run(items) makes the call for all of them and returns each item's result, or the exception that item
+        # failed with (one failure need not fail the others: server0's door makes one call per serving side).
+        self.door, self.run = door, run
         self._waiting = []  # (item, future)
         self._running = False
 
@@ -188,18 +190,23 @@ class _Together:
     async def _run_waiting(self) -> None:
         try:
             while self._waiting:
-                group, self._waiting = self._waiting, []
+                # A caller that left (a client gone, its call cancelled) is left out: its query is rolled back.
+                group, self._waiting = [(item, future) for item, future in self._waiting if not future.done()], []
+                if not group:
+                    continue
                 try:
-                    result = await self.door._quick(self.run, [item for item, _ in group])
+                    results = await self.door._quick(self.run, [item for item, _ in group])
                 except Exception as error:  # noqa: BLE001  (each caller gets it)
-                    for _, future in group:
-                        if not future.done():
-                            future.set_exception(error)
-                else:
-                    for _, future in group:
-                        if not future.done():
-                            future.set_result(result)
-                del group  # the shares in it are staged: nothing here holds them
+                    results = [error] * len(group)
+                for result, (_, future) in zip(results, group):
+                    if future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        # Without its traceback, whose frames hold the group's shares until the collector runs.
+                        future.set_exception(result.with_traceback(None))
+                    else:
+                        future.set_result(result)
+                del group, results  # the shares in it are staged: nothing here holds them
         finally:
             self._running = False
 
@@ -225,7 +232,7 @@ class Door:
         self.servers = _Servers(target, players, self.index)
         self.pool = ThreadPoolExecutor(QUICK_THREADS, thread_name_prefix=f"{server}-door")
         self._stage = _Together(self, self._stage_now)
-        self._serving_lease = _Together(self, lambda _: self._serving_now())
+        self._serving_lease = _Together(self, lambda waiting: [self._serving_now()] * len(waiting))
         self.key, self.certificate = make_certificate(server)
         self.address = config.door_address(server)
         path = certificate_path(Path(config_path).parent, server)
@@ -299,9 +306,10 @@ class Door:
                 return
             self.loop.call_soon_threadsafe(handle, keys.tolist(), values.tolist())
 
-    def _stage_now(self, queries) -> None:
+    def _stage_now(self, queries) -> list:
         """Stage these queries' shares [(owner, key, batch, rows)] in one call: at server1's door with its notes to
-        server0's door; at server0's door with their requests, in one call for each serving side."""
+        server0's door; at server0's door with their requests, in one call for each serving side. Returns each
+        query's outcome: None, or the error of its call (a serving side that stopped fails its own queries only)."""
         def rows_of(some):  # a lone query's rows as they came, without a copy
             return some[0][3] if len(some) == 1 else np.concatenate([rows for *_, rows in some])
 
@@ -309,11 +317,17 @@ class Door:
             self.servers.run(self.servers.stage, {self.servers.keys: [key for _, key, _, _ in queries],
                                                   self.servers.batches: [batch for _, _, batch, _ in queries],
                                                   self.servers.rows: rows_of(queries)})
-            return
+            return [None] * len(queries)
+        outcomes = {}
         for owner in dict.fromkeys(owner for owner, *_ in queries):
             theirs = [query for query in queries if query[0] == owner]
-            self.servers.request(owner, [key for _, key, _, _ in theirs], [batch for _, _, batch, _ in theirs],
-                                 rows_of(theirs))
+            try:
+                self.servers.request(owner, [key for _, key, _, _ in theirs], [batch for _, _, batch, _ in theirs],
+                                     rows_of(theirs))
+                outcomes[owner] = None
+            except tf.errors.OpError as error:
+                outcomes[owner] = error
+        return [outcomes[owner] for owner, *_ in queries]
 
     def _answered(self, keys, outcomes) -> None:
         """The serving side answered queries ``keys`` (``outcomes``: their batch sizes), or did not (REFUSED, ...).
@@ -335,10 +349,10 @@ class Door:
             rows = await self._quick(self.servers.run, self.servers.take_answers,
                                      {self.servers.keys: [key for key, _, _ in taking],
                                       self.servers.batches: [batch for _, batch, _ in taking]})
-        except tf.errors.OpError as error:
+        except Exception as error:  # noqa: BLE001  (each waiting call gets it; none may wait for ever)
             for _, _, wait in taking:
                 if wait is not None and not wait.future.done():
-                    wait.future.set_exception(error)
+                    wait.future.set_exception(error.with_traceback(None))
             return
         first = 0
         for _, batch, wait in taking:
