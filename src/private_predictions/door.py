@@ -104,7 +104,6 @@ class _Servers:
             tables = [ServerTables(device, i) for i, device in enumerate(devices)]
             own = tables[index]
             self.key = tf.compat.v1.placeholder(tf.int64, ())
-            self.rows = tf.compat.v1.placeholder(tf.int64, (None, PIXELS))
             self.keys = tf.compat.v1.placeholder(tf.int64, (None,))
             self.batches = tf.compat.v1.placeholder(tf.int64, (None,))
             with tf.device(own.device):
@@ -115,6 +114,7 @@ class _Servers:
                 self.published = PublishedCosts(devices[0]).current()
                 arrivals = arrivals_queue(devices[0])
             if index == 1:
+                self.rows = tf.compat.v1.placeholder(tf.int64, (None, PIXELS))
                 with tf.device(own.device):
                     staged = own.put_shares(self.keys, self.batches, self.rows)
                 with tf.device(devices[0]), tf.control_dependencies([staged]):  # the notes after the shares
@@ -310,20 +310,19 @@ class Door:
         """Stage these queries' shares [(owner, key, batch, rows)] in one call: at server1's door with its notes to
         server0's door; at server0's door with their requests, in one call for each serving side. Returns each
         query's outcome: None, or the error of its call (a serving side that stopped fails its own queries only)."""
-        def rows_of(some):  # a lone query's rows as they came, without a copy
-            return some[0][3] if len(some) == 1 else np.concatenate([rows for *_, rows in some])
+        def apart(some):  # keys, batch sizes, and the rows one after another (a lone query's as they came)
+            _, keys, batches, rows = zip(*some)
+            return list(keys), list(batches), rows[0] if len(rows) == 1 else np.concatenate(rows)
 
         if self.index == 1:
-            self.servers.run(self.servers.stage, {self.servers.keys: [key for _, key, _, _ in queries],
-                                                  self.servers.batches: [batch for _, _, batch, _ in queries],
-                                                  self.servers.rows: rows_of(queries)})
+            keys, batches, rows = apart(queries)
+            self.servers.run(self.servers.stage,
+                             {self.servers.keys: keys, self.servers.batches: batches, self.servers.rows: rows})
             return [None] * len(queries)
         outcomes = {}
         for owner in dict.fromkeys(owner for owner, *_ in queries):
-            theirs = [query for query in queries if query[0] == owner]
             try:
-                self.servers.request(owner, [key for _, key, _, _ in theirs], [batch for _, _, batch, _ in theirs],
-                                     rows_of(theirs))
+                self.servers.request(owner, *apart([query for query in queries if query[0] == owner]))
                 outcomes[owner] = None
             except tf.errors.OpError as error:
                 outcomes[owner] = error

@@ -133,8 +133,17 @@ def all_waiting(queue):
     dtypes = [tf.int64, tf.int64]
     first = gen_data_flow_ops.queue_dequeue_v2(queue, dtypes)
     with tf.control_dependencies(first):
-        rest = gen_data_flow_ops.queue_dequeue_many_v2(queue, gen_data_flow_ops.queue_size_v2(queue), dtypes)
+        rest = _dequeue_waiting(queue, dtypes)
     return [tf.concat([one[None], more], 0) for one, more in zip(first, rest)]
+
+
+def _dequeue_waiting(queue, dtypes, most=None):
+    """What waits in ``queue`` now (at most ``most``), without waiting for more: for a queue that only one
+    caller dequeues from, so that what its size says is there, is (a graph op)."""
+    waiting = gen_data_flow_ops.queue_size_v2(queue)
+    if most is not None:
+        waiting = tf.minimum(waiting, most)
+    return gen_data_flow_ops.queue_dequeue_many_v2(queue, waiting, list(dtypes))
 
 
 def arrivals_queue(device0: str):
@@ -192,8 +201,7 @@ def request_queue(protocol, session: str) -> SharedQueue:
 @tf.function
 def _take_waiting(handle):
     # Only the serving side dequeues requests, so none of these waits.
-    waiting = tf.minimum(gen_data_flow_ops.queue_size_v2(handle), CAPACITY)
-    return tuple(gen_data_flow_ops.queue_dequeue_many_v2(handle, waiting, list(REQUEST_DTYPES)))
+    return tuple(_dequeue_waiting(handle, REQUEST_DTYPES, CAPACITY))
 
 
 def take_waiting(requests: SharedQueue) -> List[Tuple[int, int]]:
