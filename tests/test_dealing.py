@@ -12,21 +12,22 @@ from conftest import shared
 from private_predictions import LocalCluster, connect, load_logits_model, load_mnist, share_model
 from private_predictions._tf import tf
 from private_predictions.client import Card, PrivateClient
-from private_predictions.dealing import HANDLES, MISMATCH, NUMBER, Stock, material, recording, using
+from private_predictions.dealing import (HANDLES, MISMATCH, NUMBER, SERVERS, Lots, Stock, material, pack_of, recording,
+                                         using)
 from private_predictions.traffic import crossings, graphs, party
 
 
 class Servers:
     """What a stock's deal and renew do to the servers' queues, for the stock's own tests."""
 
-    def __init__(self, hold=None):
-        self.queues, self.dealt, self.hold = {}, [], hold
+    def __init__(self, hold=None, pack=lambda bucket: 1):
+        self.queues, self.dealt, self.hold, self.pack = {}, [], hold, pack
 
     def deal(self, bucket, number):
-        if self.hold is not None and self.dealt:  # the lots after the first wait until the test lets them through
+        if self.hold is not None and self.dealt:  # the packs after the first wait until the test lets them through
             assert self.hold.wait(10)
         self.dealt.append((bucket, number))
-        self.queues.setdefault(bucket, []).append(number)
+        self.queues.setdefault(bucket, []).extend(range(number, number + self.pack(bucket)))
 
     def renew(self, bucket):
         self.queues[bucket] = []
@@ -41,16 +42,39 @@ def test_a_stock_has_a_lot_ready_before_each_query_and_deals_the_next_while_the_
     stock.deal_ahead(8)  # returns at once, the lot is dealt in the background
     assert servers.dealt == [(8, 0)] and stock.ready(8) == 1
     stock.deal_ahead(8)  # one at a time
+    stock.top_up(8)  # a lot waits: returns without waiting for the one being dealt
+    assert servers.dealt == [(8, 0)] and stock.ready(8) == 1
     release.set()
     servers.queues[8].pop(0)
     stock.used(8)  # a query took lot 0
-    stock.top_up(8)  # waits for the lot dealt ahead, and counts it: nothing more to deal
+    stock.top_up(8)  # none left: waits for the lot dealt ahead, which counts: nothing more to deal
     assert servers.dealt == [(8, 0), (8, 1)] and stock.ready(8) == 1 and stock.next(8) == 1
     stock.deal_ahead(8)
+    stock.settle()
     stock.top_up(8)
     stock.deal_ahead(8)  # two wait: no more
-    stock.top_up(8)
+    stock.settle()
     assert servers.queues[8] == [1, 2] and stock.ready(8) == 2 and stock.next(8) == 1
+
+
+def test_lots_dealt_in_packs_are_counted_one_by_one_and_the_next_pack_comes_when_half_a_pack_is_left():
+    servers = Servers(pack=lambda bucket: 4 if bucket == 1 else 1)
+    stock = Stock(servers.deal, servers.renew, pack=servers.pack, lots_per_bucket=1)
+    stock.top_up(1)  # one call deals lots 0 to 3
+    assert servers.dealt == [(1, 0)] and stock.ready(1) == 4 and stock.next(1) == 0
+    taken = []
+    for _ in range(3):
+        taken.append(servers.queues[1].pop(0))
+        stock.used(1)
+        stock.top_up(1)
+        stock.deal_ahead(1)
+        stock.settle()
+    # Lots 4 to 7 were dealt once two were left (half a pack), and lot 3 is next: none skipped, none twice.
+    assert taken == [0, 1, 2] and servers.dealt == [(1, 0), (1, 4)]
+    assert servers.queues[1] == [3, 4, 5, 6, 7] and stock.next(1) == 3 and stock.ready(1) == 5
+    stock.unsure(1)  # a failed query: new queues, and the numbers go on after the last pack's
+    stock.top_up(1)
+    assert servers.queues[1] == [8, 9, 10, 11] and stock.next(1) == 8 and stock.ready(1) == 4
 
 
 def test_after_a_query_that_may_have_taken_its_lot_on_some_servers_only_the_queues_are_renewed_and_numbers_go_on():
@@ -58,6 +82,7 @@ def test_after_a_query_that_may_have_taken_its_lot_on_some_servers_only_the_queu
     stock = Stock(servers.deal, servers.renew)
     stock.top_up(1)
     stock.deal_ahead(1)
+    stock.settle()
     stock.top_up(1)
     assert servers.queues[1] == [0, 1]
     stock.unsure(1)  # a computation failed, or was left running
@@ -109,6 +134,56 @@ def _randomness(graph):
                    if "Random" in op.type or "Seed" in op.type})
 
 
+def test_a_pack_is_cut_along_the_images_into_numbered_lots_and_what_cannot_be_cut_is_refused(cluster):
+    # Lots are dealt a pack at a time (16 of one image): each lot must be its own query's rows of what one
+    # computation dealt, with its own number.
+    protocol = connect(cluster.config)
+    devices = [protocol.server_0.device_name, protocol.server_1.device_name, protocol.server_2.device_name]
+
+    def build(images, seed=False):
+        for number, device in enumerate(devices):
+            with tf.device(device):  # image i's rows hold 10 * i + the server's number
+                material(lambda: tf.tile(tf.range(images, dtype=tf.int64)[:, None] * 10 + number, [1, 3]))
+                if seed:
+                    material(lambda: tf.zeros([2], tf.int64))
+    lots = Lots(build, 1, party, pack=4)
+    lots.deal(8)
+    assert lots.sizes() == [4] * 3
+    for lot in range(4):
+        for number, queue in enumerate(lots._queues[server] for server in SERVERS):
+            taken, rows = queue.dequeue()
+            assert int(taken) == 8 + lot and rows.numpy().tolist() == [[10 * lot + number] * 3]
+    lots.close()
+    with pytest.raises(ValueError, match="cannot be cut into 4 lots"):
+        Lots(lambda images: build(images, seed=True), 1, party, pack=4)
+
+
+def test_every_tensor_the_network_deals_grows_with_the_images_so_each_lot_of_a_pack_is_one_querys(cluster):
+    # A tensor dealt once for all the images of a pack (a seed, a mask of the weights) would be in every lot
+    # cut from it: one mask for several queries. The cut (Lots) only checks that the pack divides its first
+    # axis; this checks that what the network deals for a pack of images is that many times what it deals
+    # for one, tensor by tensor, in the same places.
+    secure_model = share_model(load_logits_model(), connect(cluster.config))
+
+    def dealt(images):
+        traced = []
+
+        def trace():
+            with recording() as made:
+                secure_model.network(secure_model._zero_images(images))
+            traced.append([(tensor.device, tensor.dtype, tensor.shape.as_list()) for tensor in made.tensors])
+        tf.function(trace).get_concrete_function()
+        return traced[0]
+    try:
+        lot, pack = dealt(1), dealt(pack_of(1))
+        assert pack_of(1) > 1 and len(lot) == len(pack) > 20
+        for (device, dtype, shape), (packed_device, packed_dtype, packed_shape) in zip(lot, pack):
+            assert (packed_device, packed_dtype) == (device, dtype) and shape
+            assert packed_shape == [pack_of(1) * shape[0]] + shape[1:]
+    finally:
+        secure_model.close()
+
+
 def test_a_query_draws_no_randomness_and_server2_sends_only_its_answer(cluster):
     # The answer function of a bucket is the query's whole computation on the servers; its dealing was done
     # before, by the bucket's deal function. A step that dealt in the query would draw seeds or random words,
@@ -156,14 +231,15 @@ def test_two_queries_of_the_same_images_open_different_values_and_a_third_withou
         return logits.reveal().to_native(), masked  # (the answer opened here for the test: not masked)
 
     try:
-        lots.deal(0)
-        lots.deal(1)
+        lots.deal(0)  # one pack: lots 0 to pack - 1, dealt by one computation and cut along the images
+        assert lots.pack > 1 and lots.sizes() == [lots.pack] * 3
         (first, seen_first), (second, seen_second) = query(0), query(1)
         np.testing.assert_allclose(first, second, atol=0.01)  # the same answer
         assert len(seen_first) > 10
         for one, other in zip(seen_first, seen_second):
             assert not np.any(one.numpy() == other.numpy())  # every 64-bit word opened differs
-        assert lots.sizes() == [0, 0, 0]
+        assert lots.sizes() == [lots.pack - 2] * 3
+        lots.renew()  # new queues, empty
         with pytest.raises(tf.errors.InvalidArgumentError, match="no material was dealt"):
             query(2)
     finally:
@@ -187,6 +263,7 @@ def test_serving_deals_each_querys_material_before_it_and_keeps_count_of_what_wa
                 assert (logits.argmax(1) == plaintext(images).numpy().argmax(1)).all()
             serving.join(120)
             assert not serving.is_alive() and not any("refused" in line for line in reports), reports
+            secure_model.stock.settle()  # a pack may still be on its way in
             for bucket in (1, 8):
                 assert secure_model.lots(bucket).sizes() == [secure_model.stock.ready(bucket)] * 3, bucket
         finally:
@@ -240,10 +317,10 @@ def test_a_query_whose_lot_was_taken_on_one_server_only_fails_before_opening_and
         old = lots.handles()
         stock.unsure(1)
         stock.top_up(1)
-        assert lots.sizes() == [1, 1, 1]
+        assert lots.sizes() == [lots.pack] * 3
         with pytest.raises(tf.errors.OpError):
             query(stock.next(1), old)
-        assert lots.sizes() == [1, 1, 1] and opened == []
+        assert lots.sizes() == [lots.pack] * 3 and opened == []
         np.testing.assert_allclose(query(stock.next(1), lots.handles()).numpy(), expected, atol=0.01)
         assert len(opened) > 10
     finally:

@@ -65,14 +65,16 @@ def test_a_client_reads_what_was_published_about_its_batch_size_once_it_has_been
     assert eight.batch == 8 and eight.servers_bytes > one.servers_bytes
 
     # The count is what goes over the wire between the servers (here all on loopback), less gRPC's framing:
-    # the client's shares and the door's TLS add a few kB more. It counts the query's dealing, which the
-    # serving side does while it waits for the next query of the size it answered last (dealing.py): after
-    # two single images, one lot of material for a single image is dealt per query, and nothing else.
+    # the client's shares and the door's TLS add a few kB more. It counts the query's share of the dealing,
+    # which the serving side does while it waits for the next query of the size it answered last
+    # (dealing.py): after two single images, only material for single images is dealt, 16 lots at a time.
+    # A pack of lots being dealt as the count starts or ends may fall in it or out of it: over 80 queries
+    # (five packs), that moves a query's count by a few per cent at most.
     for _ in range(2):
         client.predict_logits(x_test[:1])
     before = loopback_bytes()
-    for _ in range(5):
+    for _ in range(80):
         client.predict_logits(x_test[:1])
-    sent = (loopback_bytes() - before) / 5
+    sent = (loopback_bytes() - before) / 80
     print(f"published {one.servers_bytes} bytes between the servers; loopback carried {sent:.0f} a query")
-    assert one.servers_bytes < sent < 1.3 * one.servers_bytes + 50_000
+    assert 0.95 * one.servers_bytes < sent < 1.3 * one.servers_bytes + 50_000

@@ -16,7 +16,7 @@ from tensorflow.python.ops import gen_lookup_ops
 from ._tf import tf, tfe
 from .config import ClusterConfig
 from .data import IMAGE_SHAPE
-from .dealing import HANDLES, MISMATCH, NUMBER, Lots, Stock
+from .dealing import HANDLES, MISMATCH, NUMBER, Lots, Stock, pack_of
 from .network import SecretNetwork
 from .protocol import links_ready
 from .queues import (BATCH_BUCKETS, MAX_BATCH_SIZE, NOBODY, PIXELS, REFUSED, REQUEST_DTYPES, SERVING_SILENCE,
@@ -87,7 +87,7 @@ class SecureModel:
         self._lots = {}  # bucket -> its material dealt ahead, in queues on the servers (dealing.py)
         self._making_lots = threading.Lock()  # one bucket's Lots made once, whichever thread asks first
         self.stock = Stock(lambda bucket, number: self.lots(bucket).deal(number),
-                           lambda bucket: self.lots(bucket).renew())
+                           lambda bucket: self.lots(bucket).renew(), pack_of)
         self.tables = self._quick(server_tables, protocol)
         self.lease = self._quick(ServingLease, protocol.server_0.device_name)
         self.published = self._quick(PublishedCosts, protocol.server_0.device_name)
@@ -126,7 +126,8 @@ class SecureModel:
         """This bucket's material dealt ahead (dealing.py): the network traced on zero images, its dealing kept."""
         with self._making_lots:
             if bucket not in self._lots:
-                self._lots[bucket] = Lots(lambda: self.network(self._zero_images(bucket)), party)
+                self._lots[bucket] = Lots(lambda images: self.network(self._zero_images(images)), bucket, party,
+                                          pack_of(bucket))
         return self._lots[bucket]
 
     def lot_to_take(self, bucket: int):
@@ -228,10 +229,11 @@ class SecureModel:
         """
         with tf.init_scope():  # runs now, on this process and server0, not as part of the computation
             # The queries' keys and sizes are the only tensors of unknown size: at most one per image.
-            dealing = self.lots(bucket).dealing.get_concrete_function().graph  # before the query, but its bytes count
+            lots = self.lots(bucket)  # dealt before the query, a pack of lots at once: its share of the bytes counts
+            dealing = lots.dealing.get_concrete_function().graph
             self.costs[bucket] = {"plaintext_seconds": self._plaintext_seconds(bucket),
                                   "servers_bytes": sum(crossings(graph, largest=bucket).values())
-                                  + sum(crossings(dealing).values())}
+                                  + sum(crossings(dealing).values()) // lots.pack}
             self.published.write(json.dumps(self.costs))
 
     def _plaintext_seconds(self, bucket: int) -> Optional[float]:
