@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from private_predictions import LocalCluster, PrivateClient, load_logits_model, load_mnist_test
 from private_predictions.client import Card
+from private_predictions.dealing import pack_of
 from private_predictions.tooling import start_serving_process
 from private_predictions._tf import tf
 from private_predictions.queues import MAX_BATCH_SIZE
@@ -92,7 +93,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(REPO_ROOT / "build" / "benchmark"))
     parser.add_argument("--latency-queries", type=int, default=100)
-    parser.add_argument("--throughput-queries", type=int, default=10)
+    parser.add_argument("--throughput-queries", type=int, default=10,
+                        help="queries per batch size, times the lots dealt together for that size (dealing.py)")
     args = parser.parse_args(argv)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -116,7 +118,8 @@ def main(argv=None):
             # The series' client goes through the doors (TLS, numpy only), as every client does.
             card = cluster.admit("benchmark", output / "card.json", per_minute=None)
             client = PrivateClient.connect(card, timeout=60)
-            steps = 2 * len(BATCH_SIZES) + 2 * per_block * ROUNDS + len(BATCH_SIZES) * args.throughput_queries
+            steps = 2 * len(BATCH_SIZES) + 2 * per_block * ROUNDS
+            steps += sum(args.throughput_queries * pack_of(batch) for batch in BATCH_SIZES)
             steps += -(-len(x_test) // MAX_BATCH_SIZE)
             with tqdm(total=steps, desc="benchmark", unit="query") as progress:
                 for batch in BATCH_SIZES:  # trace each batch size once before timing
@@ -167,7 +170,10 @@ def main(argv=None):
                 for batch in BATCH_SIZES:
                     images = x_test[:batch]
                     sent_before, client_before = loopback_bytes(), client.bytes_sent + client.bytes_received
-                    times = time_calls(lambda: client.predict_logits(images), args.throughput_queries, progress)
+                    # Lots are dealt a pack at a time (dealing.py): as many queries as packs hold lots, so
+                    # that the traffic counted includes each query's share of its pack's dealing.
+                    queries = args.throughput_queries * pack_of(batch)
+                    times = time_calls(lambda: client.predict_logits(images), queries, progress)
                     sent = loopback_bytes() - sent_before
                     by_client = client.bytes_sent + client.bytes_received - client_before
                     results["throughput"].append({
