@@ -184,6 +184,24 @@ def test_every_tensor_the_network_deals_grows_with_the_images_so_each_lot_of_a_p
         secure_model.close()
 
 
+def test_no_lot_of_a_pack_holds_what_another_holds(cluster):
+    # A value drawn once and spread over a pack's images (broadcast, tiled) would grow with the images, pass
+    # the test above, and be in every lot cut from it. Every tensor of every lot must differ from the same
+    # tensor of every other lot of its pack, on every server.
+    secure_model = share_model(load_logits_model(), connect(cluster.config))
+    lots = secure_model.lots(1)
+    try:
+        lots.deal(0)
+        for server in SERVERS:
+            pack = [lots._queues[server].dequeue()[1:] for _ in range(lots.pack)]
+            assert len(pack[0]) > 10
+            for position in range(len(pack[0])):
+                cuts = {lot[position].numpy().tobytes() for lot in pack}
+                assert len(cuts) == lots.pack, (server, position, pack[0][position].shape)
+    finally:
+        secure_model.close()
+
+
 def test_a_query_draws_no_randomness_and_server2_sends_only_its_answer(cluster):
     # The answer function of a bucket is the query's whole computation on the servers; its dealing was done
     # before, by the bucket's deal function. A step that dealt in the query would draw seeds or random words,
@@ -234,7 +252,9 @@ def test_two_queries_of_the_same_images_open_different_values_and_a_third_withou
         lots.deal(0)  # one pack: lots 0 to pack - 1, dealt by one computation and cut along the images
         assert lots.pack > 1 and lots.sizes() == [lots.pack] * 3
         (first, seen_first), (second, seen_second) = query(0), query(1)
-        np.testing.assert_allclose(first, second, atol=0.01)  # the same answer
+        expected = load_logits_model()(x_test[:1]).numpy()
+        np.testing.assert_allclose(first, expected, atol=0.01)  # the right answer, both times
+        np.testing.assert_allclose(second, expected, atol=0.01)
         assert len(seen_first) > 10
         for one, other in zip(seen_first, seen_second):
             assert not np.any(one.numpy() == other.numpy())  # every 64-bit word opened differs

@@ -362,19 +362,32 @@ class Stock:
             dealing[1].wait(None)
             dealing[1].result()
 
+    def _quiet(self, bucket: int) -> bool:
+        """Wait for a pack of this bucket on its way in, if any; whether there was one."""
+        dealing = self._dealing
+        if dealing is None or dealing[0] != bucket:
+            return False
+        self.settle()
+        return True
+
     def top_up(self, bucket: int) -> None:
-        """At least one lot of this bucket waits when this returns (dealt now if none does)."""
+        """At least one lot of this bucket waits when this returns (dealt now if none does). A pack of it
+        being dealt ahead is waited for only before its queues are renewed or a lot is dealt now."""
         with self._working:
             dealing = self._dealing
-            if dealing is not None and (dealing[1].done() or dealing[0] == bucket and (
-                    bucket in self._unsure or self.ready(bucket) < 1)):
-                self.settle()
-            if bucket in self._unsure:
-                self._renew(bucket)
-                with self._counting:
-                    self._taken[bucket] = self._dealt.get(bucket, 0)
-                    self._unsure.discard(bucket)
-            while self.ready(bucket) < 1:
+            if dealing is not None and dealing[1].done():
+                self.settle()  # in and counted: its thread is ended, and the next can be dealt ahead
+            while True:
+                if bucket in self._unsure:
+                    self._quiet(bucket)  # its pack goes in before the queues it goes into are closed
+                    self._renew(bucket)
+                    with self._counting:
+                        self._taken[bucket] = self._dealt.get(bucket, 0)
+                        self._unsure.discard(bucket)
+                if self.ready(bucket) >= 1:
+                    return
+                if self._quiet(bucket):
+                    continue  # a pack of this bucket came in, or failed: look again
                 number = self._dealt.get(bucket, 0)
                 try:
                     self._deal(bucket, number)
