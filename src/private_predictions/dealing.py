@@ -344,15 +344,22 @@ class Stock:
             if failed:
                 self._unsure.add(bucket)  # it may be in some servers' queues only
 
+    def _deal_counted(self, bucket: int, number: int) -> None:
+        """Deal a pack, and count it, failed or not (a failure is raised)."""
+        try:
+            self._deal(bucket, number)
+        except BaseException:
+            self._dealing_done(bucket, number, failed=True)
+            raise
+        self._dealing_done(bucket, number, failed=False)
+
     def _deal_in_background(self, bucket: int, number: int) -> None:
         """Deal a pack ahead, and count it. A failure is not raised: the servers may be back by the next
         top-up, and if not, what deals next says so."""
         try:
-            self._deal(bucket, number)
+            self._deal_counted(bucket, number)
         except Exception:  # noqa: BLE001 - see the docstring
-            self._dealing_done(bucket, number, failed=True)
-        else:
-            self._dealing_done(bucket, number, failed=False)
+            pass
 
     def settle(self) -> None:
         """Wait for the pack being dealt ahead, if any, and for its thread to end."""
@@ -388,13 +395,7 @@ class Stock:
                     return
                 if self._quiet(bucket):
                     continue  # a pack of this bucket came in, or failed: look again
-                number = self._dealt.get(bucket, 0)
-                try:
-                    self._deal(bucket, number)
-                except BaseException:
-                    self._dealing_done(bucket, number, failed=True)
-                    raise
-                self._dealing_done(bucket, number, failed=False)
+                self._deal_counted(bucket, self._dealt.get(bucket, 0))
 
     def deal_ahead(self, bucket: int) -> None:
         """Deal the next pack of this bucket in the background if fewer than ``lots_per_bucket`` lots wait,
