@@ -249,6 +249,22 @@ def test_waiting_for_the_model_to_be_served_costs_no_images_of_the_limit(tmp_pat
         assert np.abs(answers[0] - CHECK[:2]).max() < TOLERANCE
 
 
+def test_a_query_asked_while_nobody_serves_is_refused_and_leaves_no_share_on_either_server(tmp_path, x_test):
+    # server1's door stages its share while it reads who serves: when nobody does, server0's door refuses
+    # the query too, and the share server1's door staged goes at once, not PARTNER_SECONDS later.
+    with LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "cluster.json") as cluster:
+        client = PrivateClient(card_for(cluster, tmp_path, "quique"), say=lambda line: None)
+        sent = []
+        metadata_of = client._metadata
+        client._metadata = lambda batch, nonce="": sent.append(dict(metadata_of(batch, nonce))) or metadata_of(batch, nonce)
+        with pytest.raises(ServingStoppedError, match="nobody serves the model now"):
+            client.predict_logits(x_test[:1], timeout=10)
+        key = query_key(digest(client.card.token), sent[-1]["client"], sent[-1]["query"])
+        hand = Hand(cluster.config_path)
+        wait_until(lambda: hand.staged(key) == [-1, -1], PARTNER_SECONDS / 2,
+                   "a share of a query refused because nobody serves stayed on a server")
+
+
 def test_a_client_using_another_clients_id_gets_only_its_own_answers(cluster, serving, tmp_path, x_test):
     first = PrivateClient(card_for(cluster, tmp_path, "ines"))
     second = PrivateClient(card_for(cluster, tmp_path, "jorge"))
@@ -717,3 +733,20 @@ def test_a_door_takes_every_notice_there_in_one_call():
     gen_data_flow_ops.queue_enqueue_v2(queue, [tf.constant(14, tf.int64), tf.constant(64, tf.int64)])
     keys, outcomes = all_waiting(queue)
     assert keys.numpy().tolist() == [14] and outcomes.numpy().tolist() == [64]
+
+
+def test_a_doors_notices_come_with_the_answers_they_announce_taken_from_the_table():
+    from tensorflow.python.ops import gen_lookup_ops
+    from private_predictions._tf import tf
+    from private_predictions.queues import CLASSES, REFUSED, ServerTables, row_keys
+
+    table = ServerTables("", 0)  # on this process
+    answers = np.arange(4 * CLASSES, dtype=np.int64).reshape(4, CLASSES)
+    # Query 21 answered (1 image), 22 refused, 23 answered (3 images): each says so once its rows are in.
+    gen_lookup_ops.lookup_table_insert_v2(table.answers, row_keys(tf.constant([21, 23], tf.int64),
+                                                                  tf.constant([1, 3], tf.int64)), answers)
+    table.say(tf.constant([21, 22, 23], tf.int64), tf.constant([1, REFUSED, 3], tf.int64))
+    keys, outcomes, rows = table.notices()
+    assert keys.numpy().tolist() == [21, 22, 23] and outcomes.numpy().tolist() == [1, REFUSED, 3]
+    np.testing.assert_array_equal(rows.numpy(), answers)  # in the notices' order, none for the refused query
+    assert int(gen_lookup_ops.lookup_table_size_v2(table.answers)) == 0  # taken, not copied: nothing stays

@@ -289,9 +289,10 @@ class PrivateClient:
         self._check_open()
         batch, nonce = len(shares[0]), new_nonce()  # the same nonce at both doors: one query
         bodies = [share.astype(WORD).tobytes() for share in shares]
+        # server1's door first: server0's door waits for it to stage its share before it takes the query.
         calls = {server: self._stubs[server][ASK].future(body, metadata=self._metadata(batch, nonce),
                                                            timeout=max(0.1, deadline - time.monotonic()))
-                 for server, body in zip(DOORS, bodies)}
+                 for server, body in reversed(list(zip(DOORS, bodies)))}
         try:
             answers = self._collect(calls, deadline)
         except BaseException:

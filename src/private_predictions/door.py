@@ -19,8 +19,8 @@ door).
 
 No call holds a thread while it waits. The door runs on grpc.aio: a call that waits for its partner's
 note or for its answer is a coroutine waiting for a future, which one thread per door resolves from the
-servers' notices (the answered queue, and on server0 the arrivals), taking all the notices there in one
-call and the answers of a group of queries answered together in one more. The door's TensorFlow calls that
+servers' notices (the answered queue, and on server0 the arrivals), taking all the notices there, and the
+answers of the queries they say were answered, in one call. The door's TensorFlow calls that
 return at once (staging a share, reading the lease) run on a small pool of threads. A watch ends the
 waits that must end: serving stopped, a server fell silent (named to the client), or the call's time ran
 out; a client that leaves cancels its coroutine.
@@ -107,7 +107,6 @@ class _Servers:
             self.keys = tf.compat.v1.placeholder(tf.int64, (None,))
             self.batches = tf.compat.v1.placeholder(tf.int64, (None,))
             with tf.device(own.device):
-                self.take_answers = own.take_answers(self.keys, self.batches)
                 self.notices = own.notices()
             with tf.device(devices[0]):
                 self.lease = ServingLease(devices[0])._current()
@@ -240,7 +239,6 @@ class Door:
         self.fingerprint = fingerprint(self.certificate)
         # Touched only on the door's event loop:
         self._waits: Dict[int, _Wait] = {}  # query key -> a call waiting for its answer
-        self._known: Dict[int, float] = {}  # keys of queries this door took (a late answer is dropped)
         self._busy = set()  # (token digest, client id) with a query in flight here: one at a time
         self._in_flight: Dict[str, int] = {}  # token digest -> queries in flight here
         self._notes: Dict[int, tuple] = {}  # server0: (batch, arrival time) of notes no call has claimed yet
@@ -301,10 +299,10 @@ class Door:
         """A thread that takes the server's notices, all those there at once, and hands them to the event loop."""
         while True:
             try:
-                keys, values = self.servers.wait(fetch)
+                taken = self.servers.wait(fetch)
             except tf.errors.OpError:  # the server is going away
                 return
-            self.loop.call_soon_threadsafe(handle, keys.tolist(), values.tolist())
+            self.loop.call_soon_threadsafe(handle, *taken)
 
     def _stage_now(self, queries) -> list:
         """Stage these queries' shares [(owner, key, batch, rows)] in one call: at server1's door with its notes to
@@ -328,40 +326,22 @@ class Door:
                 outcomes[owner] = error
         return [outcomes[owner] for owner, *_ in queries]
 
-    def _answered(self, keys, outcomes) -> None:
+    def _answered(self, keys, outcomes, rows) -> None:
         """The serving side answered queries ``keys`` (``outcomes``: their batch sizes), or did not (REFUSED, ...).
-        The answers of all of them are taken from the server in one call (a class's come together)."""
-        taking = []
-        for key, outcome in zip(keys, outcomes):
+        ``rows``: the answered queries' answers, in order, taken from the server with the notices (a class's come
+        together). Each waiting call gets its own rows; those of a call gone are dropped: nothing stays."""
+        first = 0
+        for key, outcome in zip(keys.tolist(), outcomes.tolist()):
             self._taken.pop(key, None)
             wait = self._waits.pop(key, None)
-            if outcome > 0 and key in self._known:  # its answer is taken, even if its client left: nothing stays
-                taking.append((key, outcome, wait))
-            elif wait is not None and not wait.future.done():
-                wait.future.set_result((outcome, None))
-        if taking:
-            asyncio.ensure_future(self._take(taking))
-
-    async def _take(self, taking) -> None:
-        """Take the answers of queries ``taking`` [(key, batch, wait)] in one call; hand each its own rows."""
-        try:
-            rows = await self._quick(self.servers.run, self.servers.take_answers,
-                                     {self.servers.keys: [key for key, _, _ in taking],
-                                      self.servers.batches: [batch for _, batch, _ in taking]})
-        except Exception as error:  # noqa: BLE001  (each waiting call gets it; none may wait for ever)
-            for _, _, wait in taking:
-                if wait is not None and not wait.future.done():
-                    wait.future.set_exception(error.with_traceback(None))
-            return
-        first = 0
-        for _, batch, wait in taking:
+            own = rows[first:first + max(outcome, 0)]
+            first += max(outcome, 0)
             if wait is not None and not wait.future.done():
-                wait.future.set_result((batch, rows[first:first + batch]))
-            first += batch
+                wait.future.set_result((outcome, own if outcome > 0 else None))
 
     def _arrived(self, keys, batches) -> None:
         """server1's door staged its shares of queries ``keys`` (server0's door only)."""
-        for key, batch in zip(keys, batches):
+        for key, batch in zip(keys.tolist(), batches.tolist()):
             self._arrived_one(key, batch)
 
     def _arrived_one(self, key: int, batch: int) -> None:
@@ -456,9 +436,6 @@ class Door:
             if taken_by != owner and not self._silent:  # that side no longer serves: it will not answer
                 del self._taken[key]
                 asyncio.ensure_future(self._forget(key))
-        for key, since in list(self._known.items()):
-            if now - since > 2 * LONGEST_WAIT:
-                del self._known[key]
 
     # -- the clients' side -------------------------------------------------------------------------
 
@@ -537,8 +514,9 @@ class Door:
         entered = key = None
         noted = taken = False  # server0's door: server1's share is staged; the query went to the serving side
         try:
-            owner = await self._serving()  # nobody serving: refused before anything is counted or stored
             token, (token_digest, client_id, key, batch) = self._parse(context, "ask")
+            if self.index == 0:  # nobody serving: refused before anything is counted (the share server1's
+                owner = await self._serving()  # door staged goes: _give_up, below)
             self._admit(token, "ask", batch)  # refused here, server1's share of it goes too (finally)
             if len(request) != batch * int(np.prod(IMAGE_SHAPE)) * WORD.itemsize:
                 raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
@@ -564,11 +542,20 @@ class Door:
                 taken = True
                 self._taken[key] = owner
             else:
-                answer = self._wait_for(key, owner)
+                # server1's door stages its share while it reads who serves: server0's door waits for that share
+                # before it takes the query, and one call fewer stands between them. If nobody serves, server0's
+                # door refuses the query too, and the share goes as soon as its note arrives there (_give_up).
+                answer = self._wait_for(key, None)
                 try:
-                    await self._stage((owner, key, batch, rows))
+                    found = await asyncio.gather(self._serving(), self._stage((None, key, batch, rows)),
+                                                 return_exceptions=True)
                 finally:
                     del rows
+                for outcome in found:  # who serves first: "nobody serves" says more than a failed staging
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                if key in self._waits:  # the watch ends the wait if that side stops serving
+                    self._waits[key].owner = found[0]
             outcome, found = await answer
             if outcome == NO_PARTNER:
                 raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"server0's door did not receive the other "
@@ -622,7 +609,6 @@ class Door:
         """Register this call for query ``key``'s answer, before the query can be answered."""
         future = asyncio.get_running_loop().create_future()
         self._waits[key] = _Wait(future, owner, time.monotonic() + LONGEST_WAIT)
-        self._known[key] = time.monotonic()
         return future
 
     async def _partner(self, key: int) -> int:

@@ -107,8 +107,11 @@ class ServerTables:
             return tf.identity(rows)
 
     def notices(self):
-        """What this server's door was told (keys, outcomes): waits for one, then takes all the others there."""
-        return all_waiting(self.answered)
+        """What this server's door was told (keys, outcomes), with the answers of the queries answered (their rows
+        in order, removed from the table): waits for one notice, then takes all the others there. One call, not a
+        second one for the answers: a query's answer is on its way to the client one call sooner."""
+        keys, outcomes = all_waiting(self.answered)
+        return keys, outcomes, self.take_answers(keys, tf.maximum(outcomes, 0))  # no rows for a refusal
 
     def say(self, keys, outcomes):
         """Tell this server's door which queries were answered (their batch size) or not (REFUSED, ...)."""

@@ -18,7 +18,7 @@ from .config import ClusterConfig
 from .data import IMAGE_SHAPE
 from .dealing import HANDLES, MISMATCH, NUMBER, Lots, Stock, pack_of
 from .network import SecretNetwork
-from .protocol import links_ready
+from .protocol import LOCAL_DEVICE, links_ready
 from .queues import (BATCH_BUCKETS, MAX_BATCH_SIZE, NOBODY, PIXELS, REFUSED, REQUEST_DTYPES, SERVING_SILENCE,
                      PublishedCosts, ServingLease, bucket_of, request_queue, row_keys, server_tables,
                      someone_serves, take_waiting)
@@ -165,7 +165,7 @@ class SecureModel:
             answered = tf.cond(answer, lambda: self._compute(bucket, tables, keys, batches, complete, lot, queues),
                                lambda: tf.constant(False))
         self._publish(bucket, tf.compat.v1.get_default_graph())
-        return keys, batches, answered
+        return _here(protocol.server_0.device_name, keys, batches, answered)
 
     @staticmethod
     def _complete(tables, keys, batches):
@@ -602,6 +602,18 @@ class _Session:
 
 
 NO_QUERIES = (tf.zeros([0], tf.int64), tf.zeros([0], tf.int64))
+
+
+def _here(server0: str, keys, batches, answered):
+    """A computation's outcome, made on server0, handed to this process within the computation and in one
+    message: read after it returns, each value would be fetched from server0 in a call of its own, three
+    round trips of about 1.5 ms each before the serving side listens for the next query."""
+    with tf.device(server0):
+        packed = tf.concat([keys, batches, tf.cast(answered, tf.int64)[None]], 0)
+    with tf.device(LOCAL_DEVICE):
+        packed = tf.identity(packed)
+        queries = (tf.size(packed) - 1) // 2
+        return packed[:queries], packed[queries:2 * queries], tf.cast(packed[-1], tf.bool)
 
 
 def _queries(number: int) -> str:
