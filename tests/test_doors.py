@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -750,3 +751,22 @@ def test_a_doors_notices_come_with_the_answers_they_announce_taken_from_the_tabl
     assert keys.numpy().tolist() == [21, 22, 23] and outcomes.numpy().tolist() == [1, REFUSED, 3]
     np.testing.assert_array_equal(rows.numpy(), answers)  # in the notices' order, none for the refused query
     assert int(gen_lookup_ops.lookup_table_size_v2(table.answers)) == 0  # taken, not copied: nothing stays
+
+
+def test_of_two_doors_failing_alike_the_client_names_server0s_whichever_it_called_first():
+    # The client calls server1's door first (server0's door waits for its share); its words still follow DOORS.
+    class Unreachable(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "failed to connect to all addresses"
+
+    class Failed:
+        def result(self, timeout=None):
+            raise Unreachable()
+
+    client = PrivateClient.__new__(PrivateClient)  # no card file, no channels: only the choice of words
+    client.card = SimpleNamespace(doors={server: {"address": f"{server}.example:1"} for server in DOORS})
+    error = client._gravest({"server1": Failed(), "server0": Failed()})
+    assert isinstance(error, DoorError) and str(error).startswith("server0's door"), error

@@ -328,9 +328,10 @@ class PrivateClient:
 
     def _gravest(self, calls) -> Exception:
         errors = []
-        for server, call in calls.items():
+        # server0's door first, whichever was called first: of two failures alike, its words are given.
+        for server in sorted(calls, key=DOORS.index):
             try:
-                call.result(timeout=1.0)
+                calls[server].result(timeout=1.0)
             except grpc.RpcError as error:
                 errors.append(self._explain(server, error))
             except grpc.FutureTimeoutError:
