@@ -251,8 +251,8 @@ def test_waiting_for_the_model_to_be_served_costs_no_images_of_the_limit(tmp_pat
 
 
 def test_a_query_asked_while_nobody_serves_is_refused_and_leaves_no_share_on_either_server(tmp_path, x_test):
-    # server1's door stages its share while it reads who serves: when nobody does, server0's door refuses
-    # the query too, and the share server1's door staged goes at once, not PARTNER_SECONDS later.
+    # Nobody serves: both doors refuse, and neither server keeps a share. server1's door reads who serves before
+    # it stages (staging while it read, tried, left a share whenever server0's door refused without its key).
     with LocalCluster.start(base_port=find_free_base_port(), config_path=tmp_path / "cluster.json") as cluster:
         client = PrivateClient(card_for(cluster, tmp_path, "quique"), say=lambda line: None)
         sent = []

@@ -311,7 +311,7 @@ class PrivateClient:
         results = {}
         try:
             while len(results) < len(calls):
-                for server, call in calls.items():
+                for server, call in sorted(calls.items(), key=lambda item: DOORS.index(item[0])):
                     if server in results:
                         continue
                     try:

@@ -514,9 +514,8 @@ class Door:
         entered = key = None
         noted = taken = False  # server0's door: server1's share is staged; the query went to the serving side
         try:
+            owner = await self._serving()  # nobody serving: refused before anything is counted or stored
             token, (token_digest, client_id, key, batch) = self._parse(context, "ask")
-            if self.index == 0:  # nobody serving: refused before anything is counted (the share server1's
-                owner = await self._serving()  # door staged goes: _give_up, below)
             self._admit(token, "ask", batch)  # refused here, server1's share of it goes too (finally)
             if len(request) != batch * int(np.prod(IMAGE_SHAPE)) * WORD.itemsize:
                 raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
@@ -542,20 +541,11 @@ class Door:
                 taken = True
                 self._taken[key] = owner
             else:
-                # server1's door stages its share while it reads who serves: server0's door waits for that share
-                # before it takes the query, and one call fewer stands between them. If nobody serves, server0's
-                # door refuses the query too, and the share goes as soon as its note arrives there (_give_up).
-                answer = self._wait_for(key, None)
+                answer = self._wait_for(key, owner)
                 try:
-                    found = await asyncio.gather(self._serving(), self._stage((None, key, batch, rows)),
-                                                 return_exceptions=True)
+                    await self._stage((owner, key, batch, rows))
                 finally:
                     del rows
-                for outcome in found:  # who serves first: "nobody serves" says more than a failed staging
-                    if isinstance(outcome, BaseException):
-                        raise outcome
-                if key in self._waits:  # the watch ends the wait if that side stops serving
-                    self._waits[key].owner = found[0]
             outcome, found = await answer
             if outcome == NO_PARTNER:
                 raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"server0's door did not receive the other "
