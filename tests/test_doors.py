@@ -766,7 +766,24 @@ def test_of_two_doors_failing_alike_the_client_names_server0s_whichever_it_calle
         def result(self, timeout=None):
             raise Unreachable()
 
-    client = PrivateClient.__new__(PrivateClient)  # no card file, no channels: only the choice of words
-    client.card = SimpleNamespace(doors={server: {"address": f"{server}.example:1"} for server in DOORS})
-    error = client._gravest({"server1": Failed(), "server0": Failed()})
-    assert isinstance(error, DoorError) and str(error).startswith("server0's door"), error
+        def cancel(self):
+            pass
+
+    called = []
+
+    class Door:
+        def __init__(self, server):
+            self.server = server
+
+        def future(self, body, metadata, timeout):
+            called.append(self.server)
+            return Failed()
+
+    client = PrivateClient.__new__(PrivateClient)  # no card file, no channels: only the order and the words
+    client.card = SimpleNamespace(token="t", doors={server: {"address": f"{server}.example:1"} for server in DOORS})
+    client._stubs = {server: {ASK: Door(server)} for server in DOORS}
+    client._client_id, client._closed = "0" * 32, False
+    shares = (np.zeros((1, 28, 28, 1), np.int64),) * 2
+    with pytest.raises(DoorError, match="^server0's door"):
+        client._ask(shares, time.monotonic() + 5)
+    assert called == ["server1", "server0"]

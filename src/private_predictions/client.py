@@ -289,10 +289,12 @@ class PrivateClient:
         self._check_open()
         batch, nonce = len(shares[0]), new_nonce()  # the same nonce at both doors: one query
         bodies = [share.astype(WORD).tobytes() for share in shares]
+        calls = {}
         # server1's door first: server0's door waits for it to stage its share before it takes the query.
-        calls = {server: self._stubs[server][ASK].future(body, metadata=self._metadata(batch, nonce),
-                                                           timeout=max(0.1, deadline - time.monotonic()))
-                 for server, body in reversed(list(zip(DOORS, bodies)))}
+        for server, body in reversed(list(zip(DOORS, bodies))):
+            calls[server] = self._stubs[server][ASK].future(body, metadata=self._metadata(batch, nonce),
+                                                            timeout=max(0.1, deadline - time.monotonic()))
+        calls = {server: calls[server] for server in DOORS}  # then waited for, and explained, in DOORS order
         try:
             answers = self._collect(calls, deadline)
         except BaseException:
@@ -311,7 +313,7 @@ class PrivateClient:
         results = {}
         try:
             while len(results) < len(calls):
-                for server, call in sorted(calls.items(), key=lambda item: DOORS.index(item[0])):
+                for server, call in calls.items():
                     if server in results:
                         continue
                     try:
@@ -328,8 +330,7 @@ class PrivateClient:
 
     def _gravest(self, calls) -> Exception:
         errors = []
-        # server0's door first, whichever was called first: of two failures alike, its words are given.
-        for server in sorted(calls, key=DOORS.index):
+        for server in calls:  # in DOORS order: of two failures alike, server0's door's words are given
             try:
                 calls[server].result(timeout=1.0)
             except grpc.RpcError as error:
