@@ -286,6 +286,7 @@ def test_serving_deals_each_querys_material_before_it_and_keeps_count_of_what_wa
             secure_model.stock.settle()  # a pack may still be on its way in
             for bucket in (1, 8):
                 assert secure_model.lots(bucket).sizes() == [secure_model.stock.ready(bucket)] * 3, bucket
+            assert secure_model.stock.ready(8) == 1  # of a larger size, the next query's lot waits, no more
         finally:
             secure_model.close()
             del secure_model  # its handles to the servers' tables go while the servers are there

@@ -86,8 +86,10 @@ class SecureModel:
         self._answer_functions = {}
         self._lots = {}  # bucket -> its material dealt ahead, in queues on the servers (dealing.py)
         self._making_lots = threading.Lock()  # one bucket's Lots made once, whichever thread asks first
+        # One lot of each larger size waits (dealt as the query before it is answered), not two: a lot of 64
+        # images is 66 MiB, and a second gained nothing measurable on two cores (docs/performance.md).
         self.stock = Stock(lambda bucket, number: self.lots(bucket).deal(number),
-                           lambda bucket: self.lots(bucket).renew(), pack_of)
+                           lambda bucket: self.lots(bucket).renew(), pack_of, lots_per_bucket=1)
         self.tables = self._quick(server_tables, protocol)
         self.lease = self._quick(ServingLease, protocol.server_0.device_name)
         self.published = self._quick(PublishedCosts, protocol.server_0.device_name)
