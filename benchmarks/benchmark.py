@@ -228,7 +228,8 @@ def measure_class(cluster, client, images, plaintext, folder: Path) -> dict:
 
     The students run at the lowest priority (nice 19): on this 2-core machine their own work (TLS,
     sharing, numpy) would otherwise take CPU from the servers being measured, where in a classroom it
-    runs on the students' laptops. Their memory is theirs too, and is not counted with the servers'.
+    runs on the students' laptops. For the same reason they end only after the class is timed. Their
+    memory is theirs too, and is not counted with the servers'.
     """
     np.save(folder / "class-images.npy", images)
     students, reports = [], []
@@ -253,6 +254,8 @@ def measure_class(cluster, client, images, plaintext, folder: Path) -> dict:
                 raise RuntimeError(f"a student failed: {student.communicate(timeout=60)[1][-2000:]}")
             reports.append(json.loads(line))
         seconds = time.perf_counter() - start
+        for student in students:  # the class is timed: now they may close their clients and end
+            student.communicate("done\n", timeout=60)
     finally:
         for student in students:
             student.kill()
