@@ -7,6 +7,8 @@ import linecache
 import logging
 import os
 import sys
+import tempfile
+import types
 
 # TF's C++ log lines (CPU features, gRPC channels, functions it could not register on a
 # server that has just been stopped) drown the story; errors still come through as exceptions.
@@ -24,17 +26,26 @@ import tensorflow as tf  # noqa: E402
 from tensorflow.python.autograph.pyct import loader as _autograph_loader  # noqa: E402
 
 
-def _load_source_leaving_no_file(source, delete_on_exit, _load=_autograph_loader.load_source):
-    """Autograph's loader, without the file it leaves in the temporary folder.
+def _load_source_leaving_no_file(source, delete_on_exit):
+    """Autograph's loader, without the file it writes in the temporary folder.
 
     Autograph writes each function it converts to ``__autograph_generated_file*.py`` there and removes it
     only at a clean exit: every process killed (a kernel shut down by nbval, a serving process ended by a
-    test or a teacher) left its files, hundreds a day. Once imported, the module needs no file: its source
-    stays in ``linecache``, so tracebacks and ``inspect`` still show it.
+    test or a teacher) left its files, hundreds a day. Removing the file once loaded still left one when a
+    process was killed between the two. So nothing is written: the module is compiled from the source,
+    under the name autograph would have given its file, and the source is kept in ``linecache``, so
+    tracebacks and ``inspect`` still show it.
     """
-    module, file_name = _load(source, delete_on_exit=False)
+    while True:
+        module_name = f"__autograph_generated_file{os.urandom(4).hex()}"
+        if module_name not in sys.modules:
+            break
+    file_name = os.path.join(tempfile.gettempdir(), f"{module_name}.py")  # a name only: never created
     linecache.cache[file_name] = (len(source), None, source.splitlines(True), file_name)
-    os.remove(file_name)
+    module = types.ModuleType(module_name)
+    module.__file__ = file_name
+    exec(compile(source, file_name, "exec"), module.__dict__)  # noqa: S102 - autograph's own generated code
+    sys.modules[module_name] = module
     return module, file_name
 
 
