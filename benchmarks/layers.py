@@ -23,10 +23,10 @@ from private_predictions.traffic import crossings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = {1: 40, 64: 15}  # timed runs of every cut, per batch size
-# Message hops each block adds on the critical path: the clip's two comparisons (three hops each),
+# Message hops each block adds on the critical path: the clip's comparison (three hops),
 # a product's opening (one), a ReLU (three, its truncation read off its own opening), the logits'
 # truncation (one).
-HOPS = {"clip": 6, "block": 4, "dense": 2}
+HOPS = {"clip": 3, "block": 4, "dense": 2}
 
 
 def cut(protocol, network, images, upto):

@@ -6,7 +6,7 @@ from private_predictions import load_logits_model, load_mnist
 from private_predictions.client import InvalidImageError
 from private_predictions.queues import MAX_BATCH_SIZE
 
-# Fixed-point resolution is 1/59049 per value (3^10); rounding and SecureNN's truncation
+# Fixed-point resolution is 1/65535 per value (2^16 - 1); rounding and SecureNN's truncation
 # add up through four layers: the whole test set stays below 0.007 (benchmarks/).
 LOGIT_TOLERANCE = 0.02
 

@@ -5,6 +5,7 @@ import pytest
 from conftest import shared
 from private_predictions import connect
 from private_predictions._tf import tf
+from private_predictions.protocol import FIXED_POINT
 from private_predictions.serving import secret_network
 from private_predictions.traffic import graphs, party
 from test_masks_and_seeds import in_span
@@ -42,7 +43,7 @@ def test_a_query_opens_no_weights_and_server2_deals_a_pooled_product(protocol, n
     """On a query's graph: nothing of a kernel's shape crosses between the servers (the weights were opened
     when the model was shared), and what server2 deals of a convolution followed by a pooling has the
     pooled shape."""
-    images = np.random.default_rng(5).integers(0, 3**10, (1, 11, 11, 1))
+    images = np.random.default_rng(5).integers(0, FIXED_POINT.scaling_factor + 1, (1, 11, 11, 1))
 
     @tf.function
     def query():

@@ -6,7 +6,10 @@ import private_predictions.relu as relu_module
 from conftest import shared
 from private_predictions import connect
 from private_predictions._tf import tf
+from private_predictions.protocol import FIXED_POINT
 from private_predictions.relu import WHOLE_RING, clip, prime_for, relu
+
+SCALE = FIXED_POINT.scaling_factor  # the encoding's: a pixel of 1, and what a product's truncation divides by
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def test_every_compiled_step_runs_on_a_server(protocol):
     shares it works on, never where the graph is built (the model owner's process would see them)."""
     @tf.function
     def compute():
-        y0, y1 = relu(protocol, shared(protocol, np.arange(-5, 5)), 6, divisor=3**10).unwrapped
+        y0, y1 = relu(protocol, shared(protocol, np.arange(-5, 5)), 6, divisor=SCALE).unwrapped
         return y0.value, y1.value
 
     graph = compute.get_concrete_function().graph
@@ -57,7 +60,7 @@ def test_exact_at_the_edges_of_the_bound_the_network_uses(protocol):
 
 
 def test_a_product_is_truncated_on_the_way_with_the_sign_of_the_value_before(protocol):
-    scale, k = 3**10, 42
+    scale, k = SCALE, 42
     skipped = 2**15  # the largest power of 2 up to the scale: the comparison skips the bits below it
     edges = np.array([-2**k, -2**k + 1, -scale, -skipped, -skipped + 1, -1, 0, 1, scale - 1, scale,
                       2**k - skipped, 2**k - 1], dtype=np.int64)
@@ -117,10 +120,10 @@ def test_a_bound_outside_what_64_bit_words_hold_is_refused(bound_bits):
 
 def test_a_truncation_on_the_whole_ring_is_refused():
     with pytest.raises(ValueError, match="cannot be truncated"):
-        relu(None, None, WHOLE_RING, divisor=3**10)
+        relu(None, None, WHOLE_RING, divisor=SCALE)
 
 
-WORD_EDGES = np.array([-2**63, -2**63 + 1, -2**62, -3**10 - 1, -1, 0, 1, 3**10 - 1, 3**10, 3**10 + 1, 2**62,
+WORD_EDGES = np.array([-2**63, -2**63 + 1, -2**62, -SCALE - 1, -1, 0, 1, SCALE - 1, SCALE, SCALE + 1, 2**62,
                        2**63 - 1], dtype=np.int64)
 
 
@@ -133,9 +136,10 @@ def test_exact_for_every_64_bit_word_on_the_whole_ring(protocol):
 
 
 def test_clip_brings_every_64_bit_word_into_the_range_and_leaves_every_pixel_as_it_is(protocol):
-    # Any word comes out as a pixel in [0, top]: its 16 lowest bits, clipped (top < 2^16). A pixel in
-    # [0, top], the only kind an honest client sends, comes out unchanged, however it was shared.
-    top = 3**10  # a pixel of 1 at the encoding's scale
+    # Any word comes out as a pixel in [0, top]: its 16 lowest bits (top = 2^16 - 1). A pixel in [0, top],
+    # the only kind an honest client sends, comes out unchanged, however it was shared.
+    top = SCALE  # a pixel of 1 at the encoding's scale
+    assert top == 2**16 - 1
     values = np.concatenate([np.tile(WORD_EDGES, 100), np.tile(np.arange(-5, top + 5), 2),
                              np.random.default_rng(3).integers(-2**63, 2**63, 3000, dtype=np.int64)])
 
@@ -149,6 +153,13 @@ def test_clip_brings_every_64_bit_word_into_the_range_and_leaves_every_pixel_as_
     np.testing.assert_array_equal(result, np.clip(values & (2**16 - 1), 0, top))
     pixels = (values >= 0) & (values <= top)
     assert pixels.sum() >= top and (result[pixels] == values[pixels]).all()
+
+
+def test_a_clip_to_a_top_short_of_a_power_of_two_less_one_is_refused():
+    # Its one comparison leaves any value up to 2^m - 1: with a pixel of 1 at 3^10 = 59,049, a client running
+    # its own code could send pixels up to 65,535 / 59,049 = 1.11, beyond what the value-range proof covers.
+    with pytest.raises(ValueError, match="one less than a power of 2"):
+        clip(None, None, 3**10)
 
 
 def test_what_server2_sees_has_one_distribution_for_every_value_exhaustively_at_small_k():

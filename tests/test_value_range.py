@@ -6,12 +6,12 @@ import pytest
 
 from private_predictions import load_logits_model, load_mnist, share_model
 from private_predictions._tf import tf
-from private_predictions.protocol import FIXED_POINT
+from private_predictions.protocol import FIXED_POINT, VALUE_LIMIT
 from private_predictions.paths import MODEL_PATH
 from private_predictions.value_range import (MAX_SCALE_DOWN, UnsupportedModelError, ValueRangeError, bounds, check_fits,
                                              fitting, kernel_and_bias, scaled_down, servers_factors)
 
-LIMIT = FIXED_POINT.scaling_base ** FIXED_POINT.precision_integral
+LIMIT = VALUE_LIMIT
 
 
 @pytest.fixture(scope="module")

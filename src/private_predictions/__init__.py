@@ -18,7 +18,8 @@ _WHERE = {
     "InvalidImageError": "client", "NotAdmittedError": "client", "PrivateClient": "client",
     "RequestRefusedError": "client", "ServerSilentError": "client", "ServingStoppedError": "client", "softmax": "client",
     "ClusterError": "cluster", "LocalCluster": "cluster", "RemoteCluster": "cluster",
-    "load_mnist": "data", "load_mnist_test": "data", "load_logits_model": "model", "connect": "protocol",
+    "load_mnist": "data", "load_mnist_test": "data", "load_logits_model": "model", "VALUE_LIMIT": "protocol",
+    "connect": "protocol",
     "SecureModel": "serving", "ServingConflictError": "serving", "share_model": "serving",
     "ServerUnreachableError": "watch",
 }

@@ -1,9 +1,9 @@
 """The network as the servers compute it: a Keras model's layers on secret shares.
 
-First the servers turn every pixel into one in [0, 1] (relu.clip: its 16 lowest bits, clipped): a
-client running code of its own may send any words as shares, and the value-range proof, with what
-answers reveal of the weights, covers images with pixels in [0, 1] only. A client of the series' code
-sends such images; the clip changes nothing for them.
+First the servers turn every pixel into one in [0, 1] (relu.clip: its 16 lowest bits, a pixel of 1
+being 2^16 - 1): a client running code of its own may send any words as shares, and the value-range
+proof, with what answers reveal of the weights, covers images with pixels in [0, 1] only. A client of
+the series' code sends such images; the clip changes nothing for them.
 
 Three choices make it cheaper than running the same layers through tf-encrypted's Keras layers,
 without changing what anyone learns:

@@ -14,17 +14,20 @@ from .waiting import bounded
 TFE_JOB, LOCAL_JOB = "tfe", "localhost"  # the job names in tf-encrypted's device names
 LOCAL_DEVICE = f"/job:{LOCAL_JOB}/replica:0/task:0/device:CPU:0"
 
-# Numbers are encoded as round(x * 3^10) in 64-bit integers: 9 times finer than tf-encrypted's
-# default 3^8, which left logit errors of 0.05. The integer part holds |x| < 3^6 = 729, enough for
-# the bound that share_model proves for the committed model (value_range.py); at the products'
-# double scale that is below 2^42, the bits each ReLU compares. The servers' network truncates with
-# its own uniformly masked truncation (truncation.py), which divides by any whole number, so the
-# base no longer has to be odd. 3^10 stays: a finer scale would make each ReLU compare more bits
-# (its time grows with them) for logits already within 0.004 of the model's, and a coarser one would
-# cost precision for little speed. The truncation gap serves only tf-encrypted's own truncation,
-# which the benchmark's yardsticks (tf-encrypted's Keras layers) still use.
+# Numbers are encoded as round(x * 65,535) in 64-bit integers: 65,535 = 2^16 - 1, so a pixel of 1 is
+# the largest 16-bit number, and the clip that brings a client's pixels into [0, 1] (relu.clip) needs
+# one comparison; at 3^10 = 59,049, where a pixel of 1 fell short of 2^16, it needed two. It is 11 times
+# finer than tf-encrypted's default 3^8, which left logit errors of 0.05. Values stay below VALUE_LIMIT
+# in magnitude, enough for the bound that share_model proves for the committed model (value_range.py);
+# at the products' double scale that is below 729 * 65,535^2 = 2^41.5, so each ReLU compares the same
+# 42 bits as at 3^10 (and skips the same 15 below the scale). The servers' network truncates with its
+# own uniformly masked truncation (truncation.py), which divides by any whole number. tf-encrypted
+# reads the limit as scaling_base^precision_integral, which an encoding of base 65,535 cannot say:
+# its integral precision is left at 0 (the series never uses tf-encrypted's own truncation, which
+# reads it, and the benchmark's tf-encrypted yardsticks keep their own defaults).
+VALUE_LIMIT = 729
 FIXED_POINT = FixedpointConfig(
-    scaling_base=3, nbits=64, precision_integral=6, precision_fractional=10,
+    scaling_base=2**16 - 1, nbits=64, precision_integral=0, precision_fractional=1,
     matmul_threshold=256, truncation_gap=19, use_noninteractive_truncation=False,
 )
 

@@ -284,14 +284,19 @@ def clip(protocol, x: PondPrivateTensor, top: int) -> PondPrivateTensor:
     """A pixel in [0, top] whatever 64-bit word x is, and x itself when it is in [0, top] already.
 
     The client's own check (pixels in [0, 1]) binds only clients that run the series' code; the value-range
-    proof, and with it what answers reveal of the weights, holds for images in [0, top] only. With m the
-    bits of top (top < 2^m), each server keeps the m lowest bits of its share, on its own: their sum y lies
-    in [0, 2^(m+1)) and is x modulo 2^m, or that plus 2^m. One comparison of m bits takes the 2^m off,
-    z = y - 2^m [y >= 2^m], in [0, 2^m); a ReLU of m bits clips, z - max(z - top, 0). So x modulo 2^m,
-    clipped to [0, top]: x itself for every pixel an honest client sends. Two comparisons of m bits (16
-    here), where a clip of any word read as a signed number would need two of 63.
+    proof, and with it what answers reveal of the weights, holds for images in [0, top] only. ``top`` is
+    2^m - 1 (a pixel of 1 at the encoding's scale, protocol.py). Each server keeps the m lowest bits of its
+    share, on its own: their sum y lies in [0, 2^(m+1)) and is x modulo 2^m, or that plus 2^m. One
+    comparison of m bits takes the 2^m off: y - 2^m [y >= 2^m] is x modulo 2^m, in [0, 2^m - 1] = [0, top],
+    and x itself for every pixel an honest client sends. (With a top short of 2^m - 1, a second comparison
+    would have to clip what lies above it; a clip of any word read as a signed number would need two of 63.)
+    Each server's share of the result is its m low bits less its share of the step, a uniformly random
+    multiple of 2^m (relu): uniformly random on its own.
     """
     m = top.bit_length()
+    if top != 2**m - 1:
+        raise ValueError(f"the clip keeps pixels in [0, 2^m - 1]: {top} is not one less than a power of 2 "
+                         "(protocol.FIXED_POINT's scale must be)")
     servers = (protocol.server_0.device_name, protocol.server_1.device_name)
 
     def shares_of(make):
@@ -306,6 +311,4 @@ def clip(protocol, x: PondPrivateTensor, top: int) -> PondPrivateTensor:
         held = [share.value for share in x.unwrapped]
         low = shares_of(lambda i: tf.bitwise.bitwise_and(held[i], 2**m - 1))  # their sum is y
         below = shares_of(lambda i: low.unwrapped[i].value - (2**m if i == 0 else 0))  # y - 2^m
-        z = protocol.sub(low, relu(protocol, below, m, step=2**m))  # y - 2^m [y >= 2^m]
-        over = shares_of(lambda i: z.unwrapped[i].value - (top if i == 0 else 0))  # z - top
-        return protocol.sub(z, relu(protocol, over, m))
+        return protocol.sub(low, relu(protocol, below, m, step=2**m))  # y - 2^m [y >= 2^m]

@@ -18,7 +18,7 @@ from .config import ClusterConfig
 from .data import IMAGE_SHAPE
 from .dealing import HANDLES, MISMATCH, NUMBER, Lots, Stock, pack_of
 from .network import SecretNetwork
-from .protocol import LOCAL_DEVICE, links_ready
+from .protocol import LOCAL_DEVICE, VALUE_LIMIT, links_ready
 from .queues import (BATCH_BUCKETS, MAX_BATCH_SIZE, NOBODY, PIXELS, REFUSED, REQUEST_DTYPES, SERVING_SILENCE,
                      PublishedCosts, ServingLease, bucket_of, request_queue, row_keys, server_tables,
                      someone_serves, take_waiting)
@@ -637,7 +637,6 @@ def secret_network(keras_model, protocol):
 
     Returns it with the bound proven on its values and the divisor of its scale (value_range.fitting).
     """
-    encoding = protocol.fixedpoint_config
-    limit = float(encoding.scaling_base ** encoding.precision_integral)
+    limit = float(VALUE_LIMIT)
     computed, divisor, peak = fitting(keras_model, limit)
     return SecretNetwork(protocol, computed, limit), peak, divisor
