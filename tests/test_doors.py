@@ -519,7 +519,7 @@ def test_goodbyes_count_against_the_tokens_limit(cluster, serving, tmp_path):
 def test_a_client_running_its_own_code_gets_answers_for_images_in_range_only(cluster, serving, tmp_path,
                                                                              x_test, monkeypatch):
     # Its shares can encode any words: the servers make every pixel one in [0, 1] before the first layer
-    # (its 16 lowest bits, clipped), so what it learns is the model's answer on a valid image (the
+    # (its 16 lowest bits), so what it learns is the model's answer on a valid image (the
     # value-range proof holds for those only).
     import private_predictions.client as client_module
     from private_predictions.model import load_logits_model

@@ -16,15 +16,16 @@ LOCAL_DEVICE = f"/job:{LOCAL_JOB}/replica:0/task:0/device:CPU:0"
 
 # Numbers are encoded as round(x * 65,535) in 64-bit integers: 65,535 = 2^16 - 1, so a pixel of 1 is
 # the largest 16-bit number, and the clip that brings a client's pixels into [0, 1] (relu.clip) needs
-# one comparison; at 3^10 = 59,049, where a pixel of 1 fell short of 2^16, it needed two. It is 11 times
+# one comparison; at 3^10 = 59,049, where a pixel of 1 fell short of 2^16, it needed two. It is about 10 times
 # finer than tf-encrypted's default 3^8, which left logit errors of 0.05. Values stay below VALUE_LIMIT
 # in magnitude, enough for the bound that share_model proves for the committed model (value_range.py);
 # at the products' double scale that is below 729 * 65,535^2 = 2^41.5, so each ReLU compares the same
 # 42 bits as at 3^10 (and skips the same 15 below the scale). The servers' network truncates with its
 # own uniformly masked truncation (truncation.py), which divides by any whole number. tf-encrypted
 # reads the limit as scaling_base^precision_integral, which an encoding of base 65,535 cannot say:
-# its integral precision is left at 0 (the series never uses tf-encrypted's own truncation, which
-# reads it, and the benchmark's tf-encrypted yardsticks keep their own defaults).
+# its integral precision is left at 0, and VALUE_LIMIT says the limit. tf-encrypted reads it in its own
+# truncation, which the series never uses, in decoding, which leaves 64-bit words as they are, and in
+# its check of the configuration (quiet at 0); its yardsticks in the benchmark keep their own defaults.
 VALUE_LIMIT = 729
 FIXED_POINT = FixedpointConfig(
     scaling_base=2**16 - 1, nbits=64, precision_integral=0, precision_fractional=1,

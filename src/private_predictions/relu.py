@@ -291,7 +291,8 @@ def clip(protocol, x: PondPrivateTensor, top: int) -> PondPrivateTensor:
     and x itself for every pixel an honest client sends. (With a top short of 2^m - 1, a second comparison
     would have to clip what lies above it; a clip of any word read as a signed number would need two of 63.)
     Each server's share of the result is its m low bits less its share of the step, a uniformly random
-    multiple of 2^m (relu): uniformly random on its own.
+    multiple of 2^m (relu): uniformly random above its m low bits, which are its own input share's, as
+    it already knew; the next value opened (a product's, product.py) is masked afresh.
     """
     m = top.bit_length()
     if top != 2**m - 1:
